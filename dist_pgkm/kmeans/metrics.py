@@ -1,0 +1,76 @@
+"""Quantities computed from a clustering: cluster weights, SSE, codewords really used."""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "cluster_weights",
+    "codeword_groups",
+    "count_used_codewords",
+    "segment_sum",
+    "sse_of",
+]
+
+_CHUNK = 1 << 20  # rows per chunk for n x d temporaries
+
+
+def cluster_weights(codes: torch.Tensor, weights: torch.Tensor | None, k: int) -> torch.Tensor:
+    """``(k,)`` float32 total weight (or member count) of every cluster."""
+    return torch.bincount(codes, weights=weights, minlength=k).to(torch.float32)
+
+
+def segment_sum(
+    ids: torch.Tensor, values: torch.Tensor, k: int, weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``(k, d)`` float32 sums of the rows of ``values`` (times ``weights``) grouped by ``ids``.
+
+    On the CPU one weighted ``bincount`` per column is about 4x faster than ``index_add_`` for
+    the shapes of k-means (measured: 3.2 ms vs 13.9 ms for 300k x 8 into 256 rows); on CUDA
+    ``index_add_`` is the fast path.
+    """
+    if values.device.type != "cpu":
+        vals = values if weights is None else values * weights[:, None]
+        return torch.zeros(k, values.shape[1], device=values.device).index_add_(0, ids, vals)
+    cols = []
+    for j in range(values.shape[1]):
+        col = values[:, j] if weights is None else values[:, j] * weights
+        cols.append(torch.bincount(ids, weights=col, minlength=k).to(torch.float32))
+    return torch.stack(cols, dim=1)
+
+
+def sse_of(
+    x: torch.Tensor,
+    weights: torch.Tensor | None,
+    centroids: torch.Tensor,
+    codes: torch.Tensor,
+) -> float:
+    """``sum_i w_i ||x_i - centroids[codes_i]||^2`` in float64, chunked."""
+    total = 0.0
+    c = centroids.to(torch.float32)
+    for s in range(0, x.shape[0], _CHUNK):
+        e = s + _CHUNK
+        diff = x[s:e].to(torch.float32) - c[codes[s:e]]  # (chunk, d)
+        per = (diff * diff).sum(dim=1, dtype=torch.float64)
+        if weights is not None:
+            per = per * weights[s:e].to(torch.float64)
+        total += float(per.sum())
+    return total
+
+
+def codeword_groups(
+    centroids: torch.Tensor, codes: torch.Tensor, tol: float
+) -> tuple[torch.Tensor, ...]:
+    """Ids of used codewords and, for each, the index of its group of equal codewords."""
+    k = centroids.shape[0]
+    used = (torch.bincount(codes, minlength=k) > 0).nonzero().flatten()  # (u,)
+    c = centroids[used].to(torch.float32) + 0.0  # + 0.0 folds -0.0 into 0.0
+    keys = torch.round(c / tol) if tol > 0 else c
+    _, group = torch.unique(keys, dim=0, return_inverse=True)  # (u,) group of each used id
+    return used, group
+
+
+def count_used_codewords(centroids: torch.Tensor, codes: torch.Tensor, tol: float = 0.0) -> int:
+    """Distinct codewords that ``codes`` really reference (equal within ``tol`` count once)."""
+    _, group = codeword_groups(centroids, codes, tol)
+    return int(group.max()) + 1 if group.numel() else 0

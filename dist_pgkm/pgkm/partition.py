@@ -1,0 +1,196 @@
+"""Principal-axis bisection, batched over many partitions at once.
+
+Used twice by PG k-means: to build the initial partition (component 2) and to repair empty
+clusters (component 3). A partition is split at the weighted median of its points' projections
+on its principal axis (power iteration on the weighted covariance), so both halves carry about
+half of the weight and both are non-empty.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from dist_pgkm.kmeans.metrics import segment_sum
+
+__all__ = ["SplitBy", "bisect", "partition", "partition_scores", "principal_axes"]
+
+SplitBy = Literal["weight", "sse"]
+Cut = Literal["median", "sse"]
+_TINY = torch.finfo(torch.float32).tiny
+
+
+def principal_axes(cov: torch.Tensor, n_squarings: int = 8) -> torch.Tensor:
+    """Unit principal axis of each ``(d, d)`` matrix of ``cov`` (``(c, d, d)`` -> ``(c, d)``).
+
+    Power iteration accelerated by repeated squaring: ``n_squarings`` batched products give
+    ``cov^(2^n)``, i.e. 256 power steps for the default 8, enough for small eigengaps. It is
+    applied to the column of the largest diagonal entry, which lies in the range of the matrix,
+    so no random start is needed. A zero matrix gets the first unit axis.
+    """
+    c, _d, _ = cov.shape
+    m = cov.double()
+    for _ in range(n_squarings):
+        m = m / m.diagonal(dim1=1, dim2=2).sum(1).clamp(min=1e-300)[:, None, None]  # trace 1
+        m = torch.bmm(m, m)
+    v = m[torch.arange(c), :, m.diagonal(dim1=1, dim2=2).argmax(dim=1)]  # (c, d)
+    norm = v.norm(dim=1, keepdim=True)
+    v = torch.where(norm > 0, v / norm.clamp(min=1e-300), torch.zeros_like(v))
+    v[norm.squeeze(1) == 0, 0] = 1.0
+    return v.float()
+
+
+def bisect(
+    points: torch.Tensor,
+    weights: torch.Tensor,
+    labels: torch.Tensor,
+    parts: torch.Tensor,
+    new_ids: torch.Tensor,
+    cut: Cut = "median",
+) -> torch.Tensor:
+    """Split every partition in ``parts`` in two at its weighted principal-axis median.
+
+    Args:
+        points: ``(m, d)`` float32 points.
+        weights: ``(m,)`` float32 weights.
+        labels: ``(m,)`` int64 partition of every point.
+        parts: ``(c,)`` ids of the partitions to split; each must have at least 2 points.
+        new_ids: ``(c,)`` label given to the upper half of the matching partition.
+        cut: Where along the axis: the weighted ``median`` (halves of equal weight), or the
+            position that minimises the summed SSE of the two halves (``sse``, computed exactly
+            in all ``d`` dimensions from prefix sums; it cuts through gaps between groups).
+
+    Returns:
+        New labels; points of the lower halves keep theirs.
+    """
+    c, d = parts.numel(), points.shape[1]
+    slot_of = torch.full((int(max(labels.max(), parts.max())) + 1,), -1, dtype=torch.int64)
+    slot_of[parts] = torch.arange(c)
+    member = (slot_of[labels] >= 0).nonzero().flatten()  # (q,) points being split
+    s = slot_of[labels[member]]  # (q,) slot of each
+    px, pw = points[member], weights[member]
+    wsum = torch.bincount(s, weights=pw.double(), minlength=c)  # (c,)
+    mean = segment_sum(s, px, c, pw) / wsum.clamp(min=_TINY).float()[:, None]  # (c, d)
+    xc = px - mean[s]  # (q, d) centred
+    cov = torch.empty(c, d, d)
+    for i in range(d):  # weighted covariance, one grouped sum per entry of the upper triangle
+        wi = xc[:, i] * pw
+        for j in range(i, d):
+            cov[:, i, j] = cov[:, j, i] = torch.bincount(s, weights=wi * xc[:, j], minlength=c)
+    axis = principal_axes(cov)  # (c, d)
+    proj = (xc * axis[s]).sum(dim=1).double()  # (q,)
+    # One sort by (slot, projection): the projection is squeezed into [0, 0.5] within its slot.
+    lo = torch.full((c,), torch.inf, dtype=torch.float64).scatter_reduce(0, s, proj, "amin")
+    hi = torch.full((c,), -torch.inf, dtype=torch.float64).scatter_reduce(0, s, proj, "amax")
+    span = (hi - lo).clamp(min=1e-300)
+    order = torch.argsort(s + 0.5 * (proj - lo[s]) / span[s], stable=True)
+    ss, sw = s[order], pw[order].double()
+    count = torch.bincount(s, minlength=c)
+    start = torch.cumsum(count, 0) - count
+    cum = torch.cumsum(sw, 0)
+    before = cum - sw - (cum - sw)[start][ss]  # weight before each point within its slot
+    pos = torch.arange(ss.numel()) - start[ss]
+    if cut == "median":
+        upper = ((before + sw / 2 >= wsum[ss] / 2) & (pos > 0)) | (pos == count[ss] - 1)
+    else:
+        upper = _sse_cut(px[order], sw, ss, pos, count, start, c)
+    out = labels.clone()
+    out[member[order[upper]]] = new_ids[ss[upper]]
+    return out
+
+
+def _exclusive(cum: torch.Tensor) -> torch.Tensor:
+    """Exclusive prefix from an inclusive one (row i holds the sum of rows < i)."""
+    return torch.cat([torch.zeros_like(cum[:1]), cum[:-1]])
+
+
+def _sse_cut(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    ss: torch.Tensor,
+    pos: torch.Tensor,
+    count: torch.Tensor,
+    start: torch.Tensor,
+    c: int,
+) -> torch.Tensor:
+    """Upper-half mask of the SSE-minimising cut of each slot (rows sorted by slot, projection).
+
+    Cutting before position ``i`` of a slot costs ``SSE(lower) + SSE(upper)``, each from prefix
+    sums of ``w``, ``w x`` and ``w |x|^2`` (``SSE = S2 - |S1|^2 / W``), in float64.
+    """
+    xd = x.double()
+    sums = []
+    for cum in (
+        torch.cumsum(w, 0),
+        torch.cumsum(xd * w[:, None], 0),
+        torch.cumsum((xd * xd).sum(1) * w, 0),
+    ):
+        excl = _exclusive(cum)
+        lower = excl - excl[start][ss]  # rows of the slot before this one
+        total = (cum[start + count - 1] - excl[start])[ss]  # the whole slot
+        sums.append((lower, total - lower))
+    (lw, uw), (l1, u1), (l2, u2) = sums
+    cost = (
+        l2 - (l1 * l1).sum(1) / lw.clamp(min=1e-300) + u2 - (u1 * u1).sum(1) / uw.clamp(min=1e-300)
+    )
+    cost = torch.where(pos > 0, cost, torch.full_like(cost, torch.inf))  # both halves non-empty
+    best = torch.full((c,), torch.inf, dtype=torch.float64).scatter_reduce(0, ss, cost, "amin")
+    never = torch.full_like(pos, 1 << 62)
+    first_best = torch.where(cost == best[ss], pos, never)
+    cut_at = torch.full((c,), 1 << 62, dtype=torch.int64).scatter_reduce(0, ss, first_best, "amin")
+    return pos >= cut_at[ss]
+
+
+def partition_scores(
+    points: torch.Tensor, weights: torch.Tensor, labels: torch.Tensor, p: int, split_by: SplitBy
+) -> torch.Tensor:
+    """``(p,)`` float64 priority of each partition: its weight, or its weighted SSE."""
+    w = weights.double()
+    total = torch.zeros(p, dtype=torch.float64).index_add_(0, labels, w)
+    if split_by == "weight":
+        return total
+    x = points.double()
+    s1 = torch.zeros(p, points.shape[1], dtype=torch.float64).index_add_(0, labels, x * w[:, None])
+    s2 = torch.zeros(p, dtype=torch.float64).index_add_(0, labels, (x * x).sum(1) * w)
+    return (s2 - (s1 * s1).sum(1) / total.clamp(min=_TINY)).clamp(min=0)
+
+
+def partition(
+    points: torch.Tensor,
+    weights: torch.Tensor,
+    k: int,
+    split_by: SplitBy = "weight",
+    cut: Cut = "median",
+) -> tuple[torch.Tensor, int]:
+    """Partitioning-based pre-assignment (PG k-means component 2).
+
+    Repeatedly bisect the partition with the highest priority (weight, or SSE) until there are
+    ``k``. Batched: each round splits, in priority order, every splittable partition whose
+    priority is at least half of the highest, up to the number still missing; a sequential
+    heaviest-first loop would split those same partitions before any of their halves.
+
+    Args:
+        points: ``(m, d)`` float32 distinct points.
+        weights: ``(m,)`` float32 weights.
+        k: Number of partitions wanted.
+        split_by: Priority of a partition.
+
+    Returns:
+        ``(labels, p)``: partition id of every point in ``[0, p)`` and ``p = min(k, m)``.
+    """
+    labels = torch.zeros(points.shape[0], dtype=torch.int64)
+    p = 1
+    while p < k:
+        splittable = torch.bincount(labels, minlength=p) >= 2
+        if not bool(splittable.any()):
+            break
+        score = partition_scores(points, weights, labels, p, split_by)
+        score = torch.where(splittable, score, torch.full_like(score, -1.0))
+        top = float(score.max())
+        chosen = ((score >= top / 2) & splittable).nonzero().flatten()
+        chosen = chosen[torch.argsort(score[chosen], descending=True, stable=True)][: k - p]
+        new_ids = torch.arange(p, p + chosen.numel())
+        labels = bisect(points, weights, labels, chosen, new_ids, cut)
+        p += chosen.numel()
+    return labels, p

@@ -1,0 +1,46 @@
+"""Shared fixtures: hard data sets built to break k-means implementations."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+# Tests never touch a GPU implicitly and never use more threads than the machine has.
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+
+
+def gaussian_mixture(n: int, d: int, centers: int, seed: int, spread: float = 3.0) -> torch.Tensor:
+    """``n`` points around ``centers`` well-separated centres (float32)."""
+    g = torch.Generator().manual_seed(seed)
+    c = torch.randn(centers, d, generator=g) * spread
+    return c[torch.randint(0, centers, (n,), generator=g)] + torch.randn(n, d, generator=g) * 0.3
+
+
+def with_zero_blocks(x: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:
+    """A copy of ``x`` with a ``fraction`` of its rows set exactly to zero (pruned weights)."""
+    g = torch.Generator().manual_seed(seed)
+    out = x.clone()
+    out[torch.randperm(x.shape[0], generator=g)[: int(fraction * x.shape[0])]] = 0.0
+    return out
+
+
+def with_duplicates(x: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:
+    """A copy of ``x`` where a ``fraction`` of rows are exact copies of other rows."""
+    g = torch.Generator().manual_seed(seed)
+    out = x.clone()
+    n = x.shape[0]
+    dst = torch.randperm(n, generator=g)[: int(fraction * n)]
+    out[dst] = x[torch.randint(0, n, (dst.numel(),), generator=g)]
+    return out
+
+
+def sse_reference(x: torch.Tensor, centroids: torch.Tensor, codes: torch.Tensor) -> float:
+    """Float64 SSE straight from the definition."""
+    return float(((x.double() - centroids.double()[codes]) ** 2).sum())
+
+
+@pytest.fixture
+def mixture() -> torch.Tensor:
+    return gaussian_mixture(6000, 8, 40, seed=1)
