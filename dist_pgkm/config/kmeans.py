@@ -33,6 +33,7 @@ class PGKMOptions(MethodOptions):
     repair: bool = True
     split_by: Literal["weight", "sse"] = "sse"
     cut: Literal["median", "sse"] = "sse"
+    init_sample_per_centroid: int = Field(64, ge=0)
 
 
 class FairseqEMOptions(MethodOptions):

@@ -18,7 +18,7 @@ from dist_pgkm.errors import InvalidInputError
 from dist_pgkm.kmeans.assign import FaissAssigner, make_assigner, resolve_backend
 from dist_pgkm.kmeans.init import kmeanspp_init, random_init_with_replacement
 from dist_pgkm.kmeans.lloyd import RepairInput, finish, lloyd, update_centroids
-from dist_pgkm.kmeans.metrics import cluster_weights
+from dist_pgkm.kmeans.metrics import cluster_weights, columns
 from dist_pgkm.kmeans.types import ClusterInput, KMeansResult
 from dist_pgkm.utils.optional import import_faiss
 
@@ -46,6 +46,7 @@ def fairseq_em(inp: ClusterInput, eps: float = 1e-6, max_tentatives: int = 100) 
     centroids = random_init_with_replacement(inp.x, k, gen)  # (k, d) in the input's dtype
     stats.init_seconds = time.perf_counter() - inp.t0
     codes = torch.zeros(x.shape[0], dtype=torch.int64)
+    cols = columns(x, w)
     previous: torch.Tensor | None = None
     for _ in range(inp.n_iter):
         codes, _ = assigner.assign(centroids.float())
@@ -75,7 +76,7 @@ def fairseq_em(inp: ClusterInput, eps: float = 1e-6, max_tentatives: int = 100) 
             break
         converged = previous is not None and torch.equal(codes, previous)
         if not converged:
-            centroids = update_centroids(x, w, codes, centroids.float()).to(dtype)
+            centroids = update_centroids(cols, w, codes, centroids.float()).to(dtype)
         stats.elapsed.append(time.perf_counter() - inp.t0)
         if converged:
             break

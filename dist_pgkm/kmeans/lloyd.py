@@ -15,7 +15,13 @@ from dataclasses import dataclass
 import torch
 
 from dist_pgkm.kmeans.assign import Assigner
-from dist_pgkm.kmeans.metrics import cluster_weights, count_used_codewords, segment_sum, sse_of
+from dist_pgkm.kmeans.metrics import (
+    cluster_weights,
+    columns,
+    count_used_codewords,
+    segment_sum,
+    sse_of,
+)
 from dist_pgkm.kmeans.types import KMeansResult, KMeansStats
 
 __all__ = [
@@ -54,19 +60,25 @@ RepairFn = Callable[[RepairInput], torch.Tensor]
 
 
 def update_centroids(
-    x: torch.Tensor,
+    cols: torch.Tensor,
     weights: torch.Tensor | None,
     codes: torch.Tensor,
     centroids: torch.Tensor,
 ) -> torch.Tensor:
     """M-step: every non-empty centroid becomes the weighted mean of its members.
 
-    The sums are one grouped reduction (:func:`~dist_pgkm.kmeans.metrics.segment_sum`).
+    Args:
+        cols: ``(d, n)`` weighted points in column layout
+            (:func:`~dist_pgkm.kmeans.metrics.columns`).
+        weights: ``(n,)`` weights (None for ones), for the cluster masses.
+        codes: ``(n,)`` cluster of every point.
+        centroids: ``(k, d)`` current centroids; empty clusters keep theirs.
 
-    Empty clusters keep their previous centroid. Returns a new ``(k, d)`` float32 tensor.
+    Returns:
+        A new ``(k, d)`` float32 tensor.
     """
     k = centroids.shape[0]
-    sums = segment_sum(codes, x, k, weights)
+    sums = segment_sum(codes, cols, k)
     counts = cluster_weights(codes, weights, k)
     out = centroids.to(torch.float32).clone()
     filled = counts > 0
@@ -103,6 +115,7 @@ def lloyd(
     """
     t0 = time.perf_counter() if t0 is None else t0
     k = centroids.shape[0]
+    cols = columns(x, weights)  # (d, n), once per run: the M-step's layout
     codes = torch.zeros(x.shape[0], dtype=torch.int64, device=x.device)
     previous: torch.Tensor | None = None
     for _ in range(n_iter):
@@ -119,7 +132,7 @@ def lloyd(
         stats.iterations += 1
         converged = previous is not None and torch.equal(codes, previous)
         if not converged:  # at a fixed point the update would give the same centroids
-            centroids = update_centroids(x, weights, codes, centroids)
+            centroids = update_centroids(cols, weights, codes, centroids)
         stats.elapsed.append(time.perf_counter() - t0)
         if converged:
             break

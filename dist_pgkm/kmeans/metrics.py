@@ -7,6 +7,7 @@ import torch
 __all__ = [
     "cluster_weights",
     "codeword_groups",
+    "columns",
     "count_used_codewords",
     "segment_sum",
     "sse_of",
@@ -20,23 +21,27 @@ def cluster_weights(codes: torch.Tensor, weights: torch.Tensor | None, k: int) -
     return torch.bincount(codes, weights=weights, minlength=k).to(torch.float32)
 
 
-def segment_sum(
-    ids: torch.Tensor, values: torch.Tensor, k: int, weights: torch.Tensor | None = None
-) -> torch.Tensor:
-    """``(k, d)`` float32 sums of the rows of ``values`` (times ``weights``) grouped by ``ids``.
+def columns(x: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """``(d, n)`` contiguous float32 copy of ``x`` (times ``weights``), for :func:`segment_sum`."""
+    xw = x if weights is None else x * weights[:, None]
+    return xw.t().to(torch.float32).contiguous()
 
-    On the CPU one weighted ``bincount`` per column is about 4x faster than ``index_add_`` for
-    the shapes of k-means (measured: 3.2 ms vs 13.9 ms for 300k x 8 into 256 rows); on CUDA
-    ``index_add_`` is the fast path.
+
+def segment_sum(ids: torch.Tensor, cols: torch.Tensor, k: int) -> torch.Tensor:
+    """``(k, d)`` float32 sums of the points grouped by ``ids``.
+
+    Args:
+        ids: ``(n,)`` int64 group of every point, in ``[0, k)``.
+        cols: ``(d, n)`` points in column layout (see :func:`columns`).
+        k: Number of groups.
+
+    ``scatter_add_`` along the last dim of the column layout is the fastest grouped sum on the
+    CPU for k-means shapes (300k x 8 into 256 groups: 0.8 ms, against 4.3 ms for one weighted
+    ``bincount`` per column and 13.9 ms for ``index_add_`` on rows).
     """
-    if values.device.type != "cpu":
-        vals = values if weights is None else values * weights[:, None]
-        return torch.zeros(k, values.shape[1], device=values.device).index_add_(0, ids, vals)
-    cols = []
-    for j in range(values.shape[1]):
-        col = values[:, j] if weights is None else values[:, j] * weights
-        cols.append(torch.bincount(ids, weights=col, minlength=k).to(torch.float32))
-    return torch.stack(cols, dim=1)
+    d = cols.shape[0]
+    sums = torch.zeros(d, k, dtype=torch.float32, device=cols.device)
+    return sums.scatter_add_(1, ids.expand(d, -1), cols).t()
 
 
 def sse_of(

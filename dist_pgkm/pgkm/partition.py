@@ -8,13 +8,23 @@ half of the weight and both are non-empty.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
-from dist_pgkm.kmeans.metrics import segment_sum
+from dist_pgkm.kmeans.metrics import columns, segment_sum
 
-__all__ = ["SplitBy", "bisect", "partition", "partition_scores", "principal_axes"]
+__all__ = [
+    "Cut",
+    "Split",
+    "SplitBy",
+    "bisect",
+    "partition",
+    "partition_scores",
+    "principal_axes",
+    "route",
+]
 
 SplitBy = Literal["weight", "sse"]
 Cut = Literal["median", "sse"]
@@ -41,6 +51,48 @@ def principal_axes(cov: torch.Tensor, n_squarings: int = 8) -> torch.Tensor:
     return v.float()
 
 
+@dataclass
+class Split:
+    """How a batch of partitions was bisected, so more points can follow the same cuts.
+
+    Attributes:
+        parts: ``(c,)`` ids of the partitions that were split.
+        new_ids: ``(c,)`` id given to each upper half.
+        mean: ``(c, d)`` weighted mean each projection is centred on.
+        axis: ``(c, d)`` unit principal axis.
+        threshold: ``(c,)`` float64; a point whose projection exceeds it goes to the upper half.
+    """
+
+    parts: torch.Tensor
+    new_ids: torch.Tensor
+    mean: torch.Tensor
+    axis: torch.Tensor
+    threshold: torch.Tensor
+
+
+def _slots(labels: torch.Tensor, parts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows whose label is in ``parts`` and the position of that label in ``parts``."""
+    slot_of = torch.full((int(max(labels.max(), parts.max())) + 1,), -1, dtype=torch.int64)
+    slot_of[parts] = torch.arange(parts.numel())
+    member = (slot_of[labels] >= 0).nonzero().flatten()  # (q,)
+    return member, slot_of[labels[member]]
+
+
+def _project(x: torch.Tensor, mean: torch.Tensor, axis: torch.Tensor) -> torch.Tensor:
+    """``(q,)`` float64 projection of centred rows (one formula for bisect and route)."""
+    return ((x - mean) * axis).sum(dim=1).double()
+
+
+def route(points: torch.Tensor, labels: torch.Tensor, split: Split) -> torch.Tensor:
+    """Send ``points`` (labelled by the partitions before ``split``) down its cuts."""
+    member, s = _slots(labels, split.parts)
+    proj = _project(points[member], split.mean[s], split.axis[s])
+    up = proj > split.threshold[s]
+    out = labels.clone()
+    out[member[up]] = split.new_ids[s[up]]
+    return out
+
+
 def bisect(
     points: torch.Tensor,
     weights: torch.Tensor,
@@ -48,8 +100,8 @@ def bisect(
     parts: torch.Tensor,
     new_ids: torch.Tensor,
     cut: Cut = "median",
-) -> torch.Tensor:
-    """Split every partition in ``parts`` in two at its weighted principal-axis median.
+) -> tuple[torch.Tensor, Split]:
+    """Split every partition in ``parts`` in two along its weighted principal axis.
 
     Args:
         points: ``(m, d)`` float32 points.
@@ -62,16 +114,14 @@ def bisect(
             in all ``d`` dimensions from prefix sums; it cuts through gaps between groups).
 
     Returns:
-        New labels; points of the lower halves keep theirs.
+        New labels (points of the lower halves keep theirs) and the split, which
+        :func:`route` can apply to other points.
     """
     c, d = parts.numel(), points.shape[1]
-    slot_of = torch.full((int(max(labels.max(), parts.max())) + 1,), -1, dtype=torch.int64)
-    slot_of[parts] = torch.arange(c)
-    member = (slot_of[labels] >= 0).nonzero().flatten()  # (q,) points being split
-    s = slot_of[labels[member]]  # (q,) slot of each
+    member, s = _slots(labels, parts)  # (q,) points being split, slot of each
     px, pw = points[member], weights[member]
     wsum = torch.bincount(s, weights=pw.double(), minlength=c)  # (c,)
-    mean = segment_sum(s, px, c, pw) / wsum.clamp(min=_TINY).float()[:, None]  # (c, d)
+    mean = segment_sum(s, columns(px, pw), c) / wsum.clamp(min=_TINY).float()[:, None]  # (c, d)
     xc = px - mean[s]  # (q, d) centred
     cov = torch.empty(c, d, d)
     for i in range(d):  # weighted covariance, one grouped sum per entry of the upper triangle
@@ -79,7 +129,7 @@ def bisect(
         for j in range(i, d):
             cov[:, i, j] = cov[:, j, i] = torch.bincount(s, weights=wi * xc[:, j], minlength=c)
     axis = principal_axes(cov)  # (c, d)
-    proj = (xc * axis[s]).sum(dim=1).double()  # (q,)
+    proj = _project(px, mean[s], axis[s])  # (q,)
     # One sort by (slot, projection): the projection is squeezed into [0, 0.5] within its slot.
     lo = torch.full((c,), torch.inf, dtype=torch.float64).scatter_reduce(0, s, proj, "amin")
     hi = torch.full((c,), -torch.inf, dtype=torch.float64).scatter_reduce(0, s, proj, "amax")
@@ -97,7 +147,15 @@ def bisect(
         upper = _sse_cut(px[order], sw, ss, pos, count, start, c)
     out = labels.clone()
     out[member[order[upper]]] = new_ids[ss[upper]]
-    return out
+    # Threshold: halfway between the last lower and the first upper projection of each slot.
+    sp = proj[order]
+    top_lo = torch.full((c,), -torch.inf, dtype=torch.float64).scatter_reduce(
+        0, ss[~upper], sp[~upper], "amax"
+    )
+    low_up = torch.full((c,), torch.inf, dtype=torch.float64).scatter_reduce(
+        0, ss[upper], sp[upper], "amin"
+    )
+    return out, Split(parts, new_ids, mean, axis, (top_lo + low_up) / 2)
 
 
 def _exclusive(cum: torch.Tensor) -> torch.Tensor:
@@ -156,41 +214,67 @@ def partition_scores(
     return (s2 - (s1 * s1).sum(1) / total.clamp(min=_TINY)).clamp(min=0)
 
 
+def _weighted_sample(weights: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
+    """``size`` distinct indices, heavier points likelier (Efraimidis-Spirakis keys), sorted."""
+    u = torch.rand(weights.numel(), generator=generator, dtype=torch.float64).clamp(min=1e-300)
+    keys = torch.log(u) / weights.double()
+    return torch.topk(keys, size).indices.sort().values
+
+
 def partition(
     points: torch.Tensor,
     weights: torch.Tensor,
     k: int,
-    split_by: SplitBy = "weight",
-    cut: Cut = "median",
+    split_by: SplitBy = "sse",
+    cut: Cut = "sse",
+    sample: int = 0,
+    generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, int]:
     """Partitioning-based pre-assignment (PG k-means component 2).
 
     Repeatedly bisect the partition with the highest priority (weight, or SSE) until there are
     ``k``. Batched: each round splits, in priority order, every splittable partition whose
-    priority is at least half of the highest, up to the number still missing; a sequential
-    heaviest-first loop would split those same partitions before any of their halves.
+    priority is at least half of the highest, up to the number still missing. Priorities only
+    shrink from a partition to its halves, so the leaves are those a one-at-a-time loop gets.
+
+    With ``sample`` smaller than the number of points, the cuts are learnt on a weighted
+    sample of that size and every point then follows them (O(n d) per level): each part keeps
+    at least its sample points, so none starts empty.
 
     Args:
         points: ``(m, d)`` float32 distinct points.
         weights: ``(m,)`` float32 weights.
         k: Number of partitions wanted.
         split_by: Priority of a partition.
+        cut: Where a partition is cut (see :func:`bisect`).
+        sample: Learn the cuts on this many points (0: on all of them).
+        generator: Random state for the sample.
 
     Returns:
         ``(labels, p)``: partition id of every point in ``[0, p)`` and ``p = min(k, m)``.
     """
-    labels = torch.zeros(points.shape[0], dtype=torch.int64)
+    use_sample = 0 < sample < points.shape[0]
+    if use_sample:
+        gen = torch.Generator().manual_seed(0) if generator is None else generator
+        idx = _weighted_sample(weights, max(sample, k), gen)
+        tree_points, tree_weights = points[idx], weights[idx]
+    else:
+        tree_points, tree_weights = points, weights
+    labels = torch.zeros(tree_points.shape[0], dtype=torch.int64)
+    all_labels = torch.zeros(points.shape[0], dtype=torch.int64)
     p = 1
     while p < k:
         splittable = torch.bincount(labels, minlength=p) >= 2
         if not bool(splittable.any()):
             break
-        score = partition_scores(points, weights, labels, p, split_by)
+        score = partition_scores(tree_points, tree_weights, labels, p, split_by)
         score = torch.where(splittable, score, torch.full_like(score, -1.0))
         top = float(score.max())
         chosen = ((score >= top / 2) & splittable).nonzero().flatten()
         chosen = chosen[torch.argsort(score[chosen], descending=True, stable=True)][: k - p]
         new_ids = torch.arange(p, p + chosen.numel())
-        labels = bisect(points, weights, labels, chosen, new_ids, cut)
+        labels, split = bisect(tree_points, tree_weights, labels, chosen, new_ids, cut)
+        if use_sample:
+            all_labels = route(points, all_labels, split)
         p += chosen.numel()
-    return labels, p
+    return (all_labels if use_sample else labels), p

@@ -9,6 +9,7 @@ import torch
 
 from dist_pgkm.kmeans.assign import make_assigner
 from dist_pgkm.kmeans.lloyd import finish, lloyd, update_centroids
+from dist_pgkm.kmeans.metrics import columns
 from dist_pgkm.kmeans.types import ClusterInput, KMeansResult
 from dist_pgkm.pgkm.consolidate import consolidate as consolidate_points
 from dist_pgkm.pgkm.partition import Cut, SplitBy, partition
@@ -25,6 +26,7 @@ def pg_kmeans(
     repair: bool = True,
     split_by: SplitBy = "sse",
     cut: Cut = "sse",
+    init_sample_per_centroid: int = 64,
 ) -> KMeansResult:
     """Partitioning-Guided k-means; each component can be switched off for ablations.
 
@@ -40,6 +42,8 @@ def pg_kmeans(
             as DESIGN §3 reads) or the one with the largest SSE (``sse``).
         cut: Where a partition (or a repair donor) is cut along its principal axis: at the
             weighted ``median`` (DESIGN §3) or where the two halves' SSE is smallest (``sse``).
+        init_sample_per_centroid: Learn the pre-assignment's cuts on a weighted sample of this
+            many points per centroid, then route every point (0: learn on all points).
 
     Returns:
         The result. When there are no more distinct points than ``k``, every distinct point is
@@ -63,8 +67,9 @@ def pg_kmeans(
         return finish(x, w, centroids, codes, stats, inp.t0)
     weights = torch.ones(m) if pw is None else pw
     if preassign:
-        labels, _ = partition(points, weights, k, split_by, cut)
-        init = update_centroids(points, pw, labels, torch.zeros(k, d))
+        sample = init_sample_per_centroid * k
+        labels, _ = partition(points, weights, k, split_by, cut, sample, gen)
+        init = update_centroids(columns(points, pw), pw, labels, torch.zeros(k, d))
     else:
         init = points[torch.randperm(m, generator=gen)[:k]].clone()
     stats.init_seconds = time.perf_counter() - inp.t0

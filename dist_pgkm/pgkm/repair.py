@@ -34,7 +34,7 @@ def split_repair(r: RepairInput, cut: Cut = "sse") -> torch.Tensor:
             break
         donors = donors[torch.argsort(sse[donors], descending=True, stable=True)][: empty.numel()]
         targets = empty[: donors.numel()]
-        codes = bisect(r.x, w, codes, donors, targets, cut)
+        codes, _ = bisect(r.x, w, codes, donors, targets, cut)
         # Each half takes about half of the donor's SSE; good enough to rank a further round.
         sse[targets] = sse[donors] / 2
         sse[donors] /= 2

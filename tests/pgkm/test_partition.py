@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dist_pgkm.pgkm.partition import bisect, partition, principal_axes
+from dist_pgkm.pgkm.partition import bisect, partition, partition_scores, principal_axes, route
 
 from ..conftest import gaussian_mixture
 
@@ -28,7 +28,9 @@ def test_bisect_splits_at_the_weighted_median_along_the_axis() -> None:
     t = torch.randn(4001, generator=g)
     x = torch.stack([t, t, 0.01 * torch.randn(4001, generator=g), torch.zeros(4001)], 1)
     w = torch.rand(4001, generator=g)
-    labels = bisect(x, w, torch.zeros(4001, dtype=torch.long), torch.tensor([0]), torch.tensor([1]))
+    labels, _ = bisect(
+        x, w, torch.zeros(4001, dtype=torch.long), torch.tensor([0]), torch.tensor([1])
+    )
     lo, hi = t[labels == 0], t[labels == 1]
     assert lo.numel() > 0
     assert hi.numel() > 0
@@ -40,7 +42,7 @@ def test_bisect_splits_at_the_weighted_median_along_the_axis() -> None:
 def test_bisect_never_leaves_a_half_empty() -> None:
     x = torch.tensor([[0.0], [1.0]])
     for w in ([100.0, 1.0], [1.0, 100.0], [1.0, 1.0]):
-        labels = bisect(
+        labels, _ = bisect(
             x,
             torch.tensor(w),
             torch.zeros(2, dtype=torch.long),
@@ -50,10 +52,10 @@ def test_bisect_never_leaves_a_half_empty() -> None:
         assert sorted(labels.tolist()) == [0, 5]
 
 
-@pytest.mark.parametrize("split_by", ["weight", "sse"])
-def test_partition_gives_k_non_empty_balanced_parts(split_by: str) -> None:
+@pytest.mark.parametrize(("split_by", "cut"), [("weight", "median"), ("sse", "sse")])
+def test_partition_gives_k_non_empty_balanced_parts(split_by: str, cut: str) -> None:
     x = gaussian_mixture(32_768, 8, 100, seed=2)
-    labels, p = partition(x, torch.ones(32_768), 256, split_by)  # type: ignore[arg-type]
+    labels, p = partition(x, torch.ones(32_768), 256, split_by, cut)  # type: ignore[arg-type]
     sizes = torch.bincount(labels, minlength=256)
     assert p == 256
     assert int(sizes.min()) >= 1
@@ -66,3 +68,26 @@ def test_partition_stops_at_the_number_of_distinct_points() -> None:
     labels, p = partition(x, torch.ones(10), 64)
     assert p == 10
     assert sorted(labels.tolist()) == list(range(10))
+
+
+def test_route_sends_the_split_points_where_bisect_put_them() -> None:
+    x = gaussian_mixture(5000, 8, 20, seed=3)
+    w = torch.rand(5000, generator=torch.Generator().manual_seed(4)) + 0.1
+    labels = torch.randint(0, 3, (5000,), generator=torch.Generator().manual_seed(5))
+    for cut in ("median", "sse"):
+        new, split = bisect(x, w, labels, torch.tensor([0, 2]), torch.tensor([3, 4]), cut)
+        assert torch.equal(route(x, labels, split), new)
+
+
+def test_sampled_partition_is_close_to_the_exact_one() -> None:
+    x = gaussian_mixture(60_000, 8, 300, seed=6)
+    w = torch.ones(60_000)
+
+    def sse(labels: torch.Tensor) -> float:
+        return float(partition_scores(x, w, labels, 256, "sse").sum())
+
+    exact, p = partition(x, w, 256)
+    sampled, q = partition(x, w, 256, sample=64 * 256, generator=torch.Generator())
+    assert p == q == 256
+    assert int(torch.bincount(sampled, minlength=256).min()) >= 1  # no part starts empty
+    assert sse(sampled) <= 1.05 * sse(exact)
