@@ -38,35 +38,49 @@ class Consolidated:
         return int(self.points.shape[0])
 
 
-def _row_keys(x: torch.Tensor, radius: float) -> torch.Tensor:
-    """``(n, d)`` int64 keys equal exactly when two rows are to be merged."""
+def _column_key(x: torch.Tensor, j: int, radius: float) -> torch.Tensor:
+    """``(n,)`` int64 key of column ``j``: equal exactly when the values are to be merged."""
+    col = x[:, j]
     if radius > 0:
-        return torch.floor(x / radius).to(torch.int64)
-    return (x + 0.0).view(torch.int32).to(torch.int64)  # + 0.0 folds -0.0 into 0.0
+        return torch.floor(col / radius).to(torch.int64)
+    return (col + 0.0).view(torch.int32).to(torch.int64)  # + 0.0 folds -0.0 into 0.0
 
 
-def _hash_rows(keys: torch.Tensor) -> torch.Tensor:
-    """One int64 per row (polynomial hash with wrap-around); collisions are checked later."""
-    h = torch.zeros(keys.shape[0], dtype=torch.int64, device=keys.device)
-    for j in range(keys.shape[1]):
-        h.mul_(_MIX).add_(keys[:, j])
+def _hash_rows(x: torch.Tensor, radius: float) -> torch.Tensor:
+    """One int64 per row (polynomial hash with wrap-around), built a column at a time so no
+    ``(n, d)`` int64 key matrix is ever materialised; collisions are checked later."""
+    h = torch.zeros(x.shape[0], dtype=torch.int64, device=x.device)
+    for j in range(x.shape[1]):
+        h.mul_(_MIX).add_(_column_key(x, j, radius))
         h.bitwise_xor_(h >> 29)
     return h
 
 
-def _group(keys: torch.Tensor) -> torch.Tensor:
-    """Group index of every row such that equal key rows share a group, by hashing."""
+def _same_rows(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, radius: float) -> bool:
+    """Whether rows ``a`` and ``b`` of ``x`` are to be merged, pairwise, for all pairs."""
+    xa, xb = x[a], x[b]
+    if radius > 0:
+        return torch.equal(torch.floor(xa / radius), torch.floor(xb / radius))
+    return bool((xa == xb).all())  # == treats -0.0 and 0.0 as equal, like the key
+
+
+def _group(x: torch.Tensor, radius: float) -> tuple[torch.Tensor, int]:
+    """Group index of every row, equal rows (or cells) sharing one; and the number of groups."""
     inverse: torch.Tensor
-    _, inverse = torch.unique(_hash_rows(keys), return_inverse=True)
-    # Verify: all rows of a group must have the key of the group's first row.
-    first = torch.full((int(inverse.max()) + 1,), keys.shape[0], dtype=torch.int64)
-    first.scatter_reduce_(0, inverse, torch.arange(keys.shape[0]), reduce="amin")
-    for s in range(0, keys.shape[0], _CHUNK):
-        e = s + _CHUNK
-        if not torch.equal(keys[s:e], keys[first[inverse[s:e]]]):
+    _, inverse = torch.unique(_hash_rows(x, radius), return_inverse=True)
+    m = int(inverse.max()) + 1
+    if m == x.shape[0]:
+        return inverse, m  # all hashes distinct, so all rows distinct: nothing to verify
+    # Verify: every row must equal the first row of its group (a hash collision would not).
+    first = torch.full((m,), x.shape[0], dtype=torch.int64)
+    first.scatter_reduce_(0, inverse, torch.arange(x.shape[0]), reduce="amin")
+    for s in range(0, x.shape[0], _CHUNK):
+        rows = torch.arange(s, min(s + _CHUNK, x.shape[0]))
+        if not _same_rows(x, rows, first[inverse[rows]], radius):
+            keys = torch.stack([_column_key(x, j, radius) for j in range(x.shape[1])], 1)
             _, inverse = torch.unique(keys, dim=0, return_inverse=True)  # hash collision
-            break
-    return inverse
+            return inverse, int(inverse.max()) + 1
+    return inverse, m
 
 
 def consolidate(
@@ -86,8 +100,10 @@ def consolidate(
         points are ordered by first occurrence, so the result does not depend on the hash.
     """
     n, d = x.shape
-    inverse = _group(_row_keys(x, radius))
-    m = int(inverse.max()) + 1
+    inverse, m = _group(x, radius)
+    w = torch.ones(n, dtype=torch.float32) if weights is None else weights
+    if m == n and radius == 0:  # nothing to merge
+        return Consolidated(x, w, torch.arange(n))
     # Renumber groups by first occurrence: deterministic, independent of hash values.
     first = torch.full((m,), n, dtype=torch.int64)
     first.scatter_reduce_(0, inverse, torch.arange(n), reduce="amin")
@@ -95,7 +111,6 @@ def consolidate(
     rank = torch.empty(m, dtype=torch.int64)
     rank[order] = torch.arange(m)
     inverse = rank[inverse]
-    w = torch.ones(n, dtype=torch.float32) if weights is None else weights
     total = torch.bincount(inverse, weights=w.double(), minlength=m).float()  # (m,)
     if radius > 0:
         sums = torch.zeros(m, d, dtype=torch.float32)

@@ -36,7 +36,9 @@ def test_order_is_first_occurrence_and_signed_zero_folds() -> None:
 
 def test_hash_collisions_fall_back_to_exact_grouping(monkeypatch: pytest.MonkeyPatch) -> None:
     x = with_duplicates(torch.randn(2000, 4), 0.5, 0)
-    monkeypatch.setattr(consolidate_mod, "_hash_rows", lambda k: torch.zeros(k.shape[0]).long())
+    monkeypatch.setattr(
+        consolidate_mod, "_hash_rows", lambda x, radius: torch.zeros(x.shape[0]).long()
+    )
     c = consolidate(x)
     assert c.n_distinct == torch.unique(x, dim=0).shape[0]
     assert torch.equal(c.points[c.inverse], x)

@@ -73,10 +73,11 @@ def test_partition_stops_at_the_number_of_distinct_points() -> None:
 def test_route_sends_the_split_points_where_bisect_put_them() -> None:
     x = gaussian_mixture(5000, 8, 20, seed=3)
     w = torch.rand(5000, generator=torch.Generator().manual_seed(4)) + 0.1
-    labels = torch.randint(0, 3, (5000,), generator=torch.Generator().manual_seed(5))
     for cut in ("median", "sse"):
-        new, split = bisect(x, w, labels, torch.tensor([0, 2]), torch.tensor([3, 4]), cut)
-        assert torch.equal(route(x, labels, split), new)
+        root = torch.zeros(5000, dtype=torch.int64)
+        one, first = bisect(x, w, root, torch.tensor([0]), torch.tensor([1]), cut)
+        two, second = bisect(x, w, one, torch.tensor([0, 1]), torch.tensor([2, 3]), cut)
+        assert torch.equal(route(x, [first, second], chunk=777), two)
 
 
 def test_sampled_partition_is_close_to_the_exact_one() -> None:
