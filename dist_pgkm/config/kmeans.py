@@ -34,6 +34,7 @@ class PGKMOptions(MethodOptions):
     split_by: Literal["weight", "sse"] = "sse"
     cut: Literal["median", "sse"] = "sse"
     init_sample_per_centroid: int = Field(64, ge=0)
+    moves: float = Field(0.1, ge=0.0, le=0.25)
 
 
 class FairseqEMOptions(MethodOptions):

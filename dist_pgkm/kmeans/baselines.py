@@ -120,7 +120,7 @@ def faiss_kmeans(inp: ClusterInput) -> KMeansResult:
         stats.empty_per_iter.append(int(it["nsplit"]))
         stats.elapsed.append(start - inp.t0 + float(it["time"]))
     stats.iterations = len(km.iteration_stats)
-    stats.repair_passes = sum(1 for e in stats.empty_per_iter if e)
+    stats.repair_passes = sum(1 for e in stats.empty_per_iter if e)  # faiss splits in the M-step
     stats.distance_passes = stats.iterations + 1
     centroids = torch.from_numpy(km.centroids).clone()
     codes, _ = FaissAssigner(x).assign(centroids)

@@ -25,6 +25,7 @@ from dist_pgkm.kmeans.metrics import (
 from dist_pgkm.kmeans.types import KMeansResult, KMeansStats
 
 __all__ = [
+    "MoveFn",
     "RepairFn",
     "RepairInput",
     "finish",
@@ -45,6 +46,7 @@ class RepairInput:
         counts: ``(k,)`` float32 weight of each cluster.
         empty: ``(e,)`` int64 ids of the empty clusters.
         generator: The run's random generator.
+        centroids: ``(k, d)`` the centroids the assignment was made against.
     """
 
     x: torch.Tensor
@@ -54,9 +56,11 @@ class RepairInput:
     counts: torch.Tensor
     empty: torch.Tensor
     generator: torch.Generator
+    centroids: torch.Tensor
 
 
 RepairFn = Callable[[RepairInput], torch.Tensor]
+MoveFn = Callable[[RepairInput], torch.Tensor]
 
 
 def update_centroids(
@@ -96,6 +100,8 @@ def lloyd(
     generator: torch.Generator,
     repair: RepairFn | None = None,
     t0: float | None = None,
+    moves: MoveFn | None = None,
+    settle: int = 3,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run up to ``n_iter`` Lloyd iterations from ``centroids``.
 
@@ -107,8 +113,13 @@ def lloyd(
         n_iter: Maximum number of iterations.
         stats: Updated in place (passes, empties, objective, timings).
         generator: Random state handed to ``repair``.
-        repair: Called when an assignment leaves clusters empty; returns new codes.
+        repair: Called when clusters are empty (after the assignment, or after ``moves``);
+            returns new codes.
         t0: ``time.perf_counter()`` at the start of the whole call, for ``stats.elapsed``.
+        moves: Called after each assignment except in the last ``settle`` iterations; may
+            empty clusters on purpose (``repair`` then refills them in the same pass) and
+            returns new codes. The clusters it empties are counted in ``stats.moves``.
+        settle: Iterations at the end without ``moves``, so the loop ends on plain Lloyd.
 
     Returns:
         ``(centroids, codes)``: the last update's centroids and the codes it was computed from.
@@ -118,7 +129,7 @@ def lloyd(
     cols = columns(x, weights)  # (d, n), once per run: the M-step's layout
     codes = torch.zeros(x.shape[0], dtype=torch.int64, device=x.device)
     previous: torch.Tensor | None = None
-    for _ in range(n_iter):
+    for it in range(n_iter):
         codes, dist = assigner.assign(centroids)
         stats.distance_passes += 1
         counts = cluster_weights(codes, weights, k)
@@ -127,8 +138,21 @@ def lloyd(
         empty = (counts == 0).nonzero().flatten()
         stats.empty_per_iter.append(int(empty.numel()))
         if empty.numel() and repair is not None:
-            codes = repair(RepairInput(x, weights, codes, dist, counts, empty, generator))
             stats.repair_passes += 1
+        if moves is not None and it < n_iter - settle:
+            moved = moves(RepairInput(x, weights, codes, dist, counts, empty, generator, centroids))
+            changed = (moved != codes).nonzero().flatten()
+            if changed.numel():
+                codes, dist = moved, dist.clone()
+                dist[changed] = ((x[changed] - centroids[codes[changed]]) ** 2).sum(dim=1)
+                counts = cluster_weights(codes, weights, k)
+                freed = (counts == 0).nonzero().flatten()
+                stats.moves += int(freed.numel() - empty.numel())
+                empty = freed
+        if empty.numel() and repair is not None:
+            codes = repair(
+                RepairInput(x, weights, codes, dist, counts, empty, generator, centroids)
+            )
         stats.iterations += 1
         converged = previous is not None and torch.equal(codes, previous)
         if not converged:  # at a fixed point the update would give the same centroids

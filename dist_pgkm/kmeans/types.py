@@ -24,8 +24,11 @@ class KMeansStats:
         empty_after_init: Empty clusters at the first assignment, i.e. left by the init.
         empty_per_iter: Empty clusters found by each iteration's assignment, before repair.
         empty_final: Clusters without any member in the returned codes.
-        repair_passes: Repair operations run (pgkm/kmeans++: one per iteration that had empties;
-            fairseq-em: one per split tentative; faiss: one per iteration with splits).
+        repair_passes: Repair operations run (pgkm/kmeans++: one per iteration whose assignment
+            left clusters empty; fairseq-em: one per split tentative; faiss: one per iteration
+            with splits).
+        moves: pgkm's merge/split moves (a cluster merged into its neighbour, the freed
+            codeword re-split from a costly cluster); not counted as empty clusters.
         distance_passes: Full point-to-codebook assignment passes (n x k distances).
         iterations: Lloyd iterations run (an iteration = assignment + centroid update).
         sse: Sum over points of ``weight * ||x - centroids[code]||^2`` for the returned result.
@@ -47,6 +50,7 @@ class KMeansStats:
     empty_per_iter: list[int] = field(default_factory=list)
     empty_final: int = 0
     repair_passes: int = 0
+    moves: int = 0
     distance_passes: int = 0
     iterations: int = 0
     sse: float = 0.0

@@ -12,6 +12,7 @@ from dist_pgkm.kmeans.lloyd import finish, lloyd, update_centroids
 from dist_pgkm.kmeans.metrics import columns
 from dist_pgkm.kmeans.types import ClusterInput, KMeansResult
 from dist_pgkm.pgkm.consolidate import consolidate as consolidate_points
+from dist_pgkm.pgkm.moves import merge_cheapest_pairs
 from dist_pgkm.pgkm.partition import Cut, SplitBy, partition
 from dist_pgkm.pgkm.repair import split_repair
 
@@ -27,6 +28,7 @@ def pg_kmeans(
     split_by: SplitBy = "sse",
     cut: Cut = "sse",
     init_sample_per_centroid: int = 64,
+    moves: float = 0.1,
 ) -> KMeansResult:
     """Partitioning-Guided k-means; each component can be switched off for ablations.
 
@@ -44,6 +46,8 @@ def pg_kmeans(
             weighted ``median`` (DESIGN §3) or where the two halves' SSE is smallest (``sse``).
         init_sample_per_centroid: Learn the pre-assignment's cuts on a weighted sample of this
             many points per centroid, then route every point (0: learn on all points).
+        moves: Fraction of the codebook re-partitioned by merge/split moves in each iteration
+            but the last three (0 disables them; see :mod:`dist_pgkm.pgkm.moves`).
 
     Returns:
         The result. When there are no more distinct points than ``k``, every distinct point is
@@ -74,7 +78,10 @@ def pg_kmeans(
         init = points[torch.randperm(m, generator=gen)[:k]].clone()
     stats.init_seconds = time.perf_counter() - inp.t0
     fix = partial(split_repair, cut=cut) if repair else None
-    centroids, codes = lloyd(points, pw, init, assigner, inp.n_iter, stats, gen, fix, inp.t0)
+    move = partial(merge_cheapest_pairs, fraction=moves) if repair and moves > 0 else None
+    centroids, codes = lloyd(
+        points, pw, init, assigner, inp.n_iter, stats, gen, fix, inp.t0, moves=move
+    )
     if inverse is not None:
         codes = codes[inverse]
     return finish(x, w, centroids, codes, stats, inp.t0)

@@ -59,7 +59,9 @@ def test_split_repair_fills_every_empty_cluster_in_one_pass() -> None:
     counts = cluster_weights(codes, None, k)
     empty = (counts == 0).nonzero().flatten()
     assert empty.numel() >= 24
-    new = split_repair(RepairInput(x, None, codes, dist, counts, empty, torch.Generator()))
+    new = split_repair(
+        RepairInput(x, None, codes, dist, counts, empty, torch.Generator(), centroids)
+    )
     assert int((torch.bincount(new, minlength=k) == 0).sum()) == 0
     moved = new != codes
     assert set(new[moved].unique().tolist()) <= set(empty.tolist())  # only into empty ones
