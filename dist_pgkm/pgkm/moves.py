@@ -5,65 +5,43 @@ basin where some codewords sit almost on top of each other while other clusters 
 A move merges a cheap pair -- the Ward cost ``W_a W_b / (W_a + W_b) |c_a - c_b|^2`` is exactly
 what the SSE grows by -- which frees a codeword; the one-pass split repair of PG k-means
 (component 3) then spends it on the cluster with the largest SSE, bisected along its principal
-axis. No distance pass over the points is spent: only candidate centroids are compared with
-the codebook.
+axis. No distance pass over the points is spent: only the candidate centroids are searched
+against the codebook.
 """
 
 from __future__ import annotations
 
 import torch
 
+from dist_pgkm.kmeans.assign import make_assigner
 from dist_pgkm.kmeans.lloyd import RepairInput
 
 __all__ = ["merge_cheapest_pairs"]
 
-_BLOCK_BYTES = 64 << 20
 
+def merge_cheapest_pairs(
+    r: RepairInput, fraction: float = 0.1, backend: str = "auto"
+) -> torch.Tensor:
+    """Merge ``fraction * k`` light clusters into their nearest neighbours; return new codes.
 
-def _nearest_other(
-    queries: torch.Tensor, centroids: torch.Tensor, alive: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Nearest live centroid (other than itself) of each query id, and its squared distance."""
-    k = centroids.shape[0]
-    rows = max(1, _BLOCK_BYTES // (4 * k))
-    near = torch.empty(queries.numel(), dtype=torch.int64)
-    d2 = torch.empty(queries.numel(), dtype=torch.float32)
-    for a in range(0, queries.numel(), rows):
-        q = queries[a : a + rows]
-        block = torch.cdist(centroids[q], centroids).pow_(2)  # (rows, k)
-        block[:, ~alive] = torch.inf
-        block[torch.arange(q.numel()), q] = torch.inf
-        d2[a : a + rows], near[a : a + rows] = block.min(dim=1)
-    return near, d2
-
-
-def merge_cheapest_pairs(r: RepairInput, fraction: float = 0.1) -> torch.Tensor:
-    """Merge up to ``fraction * k`` disjoint cheap pairs of clusters; return the new codes.
-
-    Candidates are the lightest live clusters (4 per wanted move); each is paired with its
-    nearest live centroid and the cheapest disjoint pairs are merged (the lighter cluster's
-    members join its neighbour). The emptied clusters are left for the split repair.
+    Candidates are the ``2 * fraction * k`` lightest live clusters; each is paired with the
+    nearest live centroid that is not itself a candidate (one nearest-centroid search through
+    ``backend``, so no merge chain can form), and the pairs of lowest Ward cost are merged.
+    The emptied clusters are left for the split repair.
     """
     k = r.counts.shape[0]
     n_moves = int(fraction * k)
-    alive = r.counts > 0
-    if n_moves == 0 or int(alive.sum()) < 2 * n_moves + 2:
+    live = (r.counts > 0).nonzero().flatten()
+    if n_moves == 0 or live.numel() < 3 * n_moves:
         return r.codes
-    live = alive.nonzero().flatten()
-    cand = live[torch.argsort(r.counts[live], stable=True)[: 4 * n_moves]]
-    near, d2 = _nearest_other(cand, r.centroids, alive)
+    by_weight = live[torch.argsort(r.counts[live], stable=True)]
+    cand, targets = by_weight[: 2 * n_moves], by_weight[2 * n_moves :]
+    queries = r.centroids[cand].to(torch.float32).contiguous()
+    nearest, d2 = make_assigner(queries, backend).assign(r.centroids[targets])
+    near = targets[nearest]
     wa, wb = r.counts[cand], r.counts[near]
     cost = wa * wb / (wa + wb) * d2
-    taken = torch.zeros(k, dtype=torch.bool)
+    pick = torch.argsort(cost, stable=True)[:n_moves]
     remap = torch.arange(k)
-    done = 0
-    for i in torch.argsort(cost, stable=True).tolist():  # greedy: cheapest disjoint pairs
-        a, b = int(cand[i]), int(near[i])
-        if taken[a] or taken[b]:
-            continue
-        taken[a] = taken[b] = True
-        remap[a] = b
-        done += 1
-        if done == n_moves:
-            break
+    remap[cand[pick]] = near[pick]
     return remap[r.codes]

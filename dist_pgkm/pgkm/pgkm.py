@@ -78,7 +78,9 @@ def pg_kmeans(
         init = points[torch.randperm(m, generator=gen)[:k]].clone()
     stats.init_seconds = time.perf_counter() - inp.t0
     fix = partial(split_repair, cut=cut) if repair else None
-    move = partial(merge_cheapest_pairs, fraction=moves) if repair and moves > 0 else None
+    move = None
+    if repair and moves > 0:
+        move = partial(merge_cheapest_pairs, fraction=moves, backend=inp.backend)
     centroids, codes = lloyd(
         points, pw, init, assigner, inp.n_iter, stats, gen, fix, inp.t0, moves=move
     )
