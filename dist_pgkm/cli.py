@@ -1,0 +1,287 @@
+"""The ``dist-pgkm`` command line.
+
+Each command is one ``_register_*`` function that adds its parser and sets ``handler`` to the
+function running it; :data:`_COMMANDS` (top level) and :data:`_BENCHMARKS` (under ``bench``) list
+them. Adding a command is a small handler plus one entry there. The CLI owns what library code
+never does: logging handlers, progress display and printing. A
+:class:`~dist_pgkm.errors.DistPGKMError` ends the program with ``error: <message>`` and exit
+status 2, without a traceback; any other exception is a bug and propagates.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shlex
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from dist_pgkm import __version__
+from dist_pgkm.errors import DistPGKMError
+from dist_pgkm.pgkm.api import METHODS
+
+__all__ = ["build_parser", "main"]
+
+# Subparsers of one level; argparse keeps the class private.
+Subparsers = Any
+Handler = Callable[[argparse.Namespace], int]
+
+_EXIT_USER_ERROR = 2
+_EXIT_INTERRUPTED = 130
+
+
+# --- argument types ----------------------------------------------------------------------------
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def _name_list(choices: Sequence[str]) -> Callable[[str], tuple[str, ...]]:
+    """Parser of a comma-separated list whose items must be among ``choices``."""
+
+    def parse(text: str) -> tuple[str, ...]:
+        items = tuple(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))
+        unknown = [t for t in items if t not in choices]
+        if unknown or not items:
+            raise argparse.ArgumentTypeError(
+                f"unknown {', '.join(map(repr, unknown)) or 'empty list'}; choose a "
+                f"comma-separated subset of {','.join(choices)}"
+            )
+        return items
+
+    return parse
+
+
+def _pattern_list(text: str) -> tuple[str, ...]:
+    return tuple(t.strip() for t in text.split(",") if t.strip())
+
+
+# --- logging and progress ----------------------------------------------------------------------
+
+
+def _setup_logging(verbosity: int) -> None:
+    """Route log records to stderr through rich: WARNING, ``-v`` INFO, ``-vv`` DEBUG."""
+    from rich.console import Console
+    from rich.logging import RichHandler
+
+    level = (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbosity, 2)]
+    handler = RichHandler(console=Console(stderr=True), show_path=verbosity >= 2)
+    handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING)  # third-party libraries stay quiet unless they warn
+    logging.getLogger("dist_pgkm").setLevel(level)
+
+
+def _no_progress(done: int, total: int, description: str) -> None:
+    pass
+
+
+@contextmanager
+def _progress() -> Iterator[Callable[[int, int, str], None]]:
+    """A rich progress bar on stderr, fed by a ``(done, total, description)`` callback.
+
+    Nothing is drawn when stderr is not a terminal (logs and CI output stay clean).
+    """
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
+    console = Console(stderr=True)
+    if not console.is_terminal:
+        yield _no_progress
+        return
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task("starting", total=None)
+
+        def update(done: int, total: int, description: str) -> None:
+            bar.update(task, completed=done, total=total, description=description)
+
+        yield update
+
+
+def _stdout_console() -> Any:
+    from rich.console import Console
+
+    console = Console()
+    # Piped output would be cut at 80 columns; the tables are wider.
+    return console if console.is_terminal else Console(width=200)
+
+
+# --- bench -------------------------------------------------------------------------------------
+
+
+def _run_bench_kmeans(args: argparse.Namespace) -> int:
+    # mypy checks benchmarks/ as the package `benchmarks`; it cannot follow setuptools'
+    # package-dir mapping that installs it as `dist_pgkm.bench` (pyproject.toml).
+    from dist_pgkm.bench import kmeans  # type: ignore[import-not-found, unused-ignore]
+    from dist_pgkm.bench.common import write_json  # type: ignore[import-not-found, unused-ignore]
+
+    options = kmeans.BenchOptions(
+        quick=args.quick,
+        n_iter=args.n_iter,
+        seed=args.seed,
+        methods=args.methods,
+        memory=not args.no_memory,
+        threads=args.threads,
+        datasets=args.datasets,
+        command=shlex.join(["dist-pgkm", *args.argv]),
+    )
+    with _progress() as update:
+        report = kmeans.run_benchmark(options, progress=update)
+    kmeans.render_report(_stdout_console(), report)
+    if args.json is not None:
+        write_json(args.json, report.as_dict())
+    if args.md is not None:
+        kmeans.write_markdown(args.md, report)
+    return 0
+
+
+def _register_bench_kmeans(subparsers: Subparsers, parents: list[argparse.ArgumentParser]) -> None:
+    methods = tuple(METHODS)
+    p = subparsers.add_parser(
+        "kmeans",
+        parents=parents,
+        help="compare pgkm, fairseq-em, faiss and k-means++ on real weights",
+        description=(
+            "Cluster sub-vectors of real SmolLM2-135M and MiniLM layers (clean, zero blocks, "
+            "fp16, large K) and a 300k speed set with every method; print the results and the "
+            "targets computed from them."
+        ),
+    )
+    p.add_argument("--quick", action="store_true", help="the short selection (< 2 min, 2 cores)")
+    p.add_argument("--json", type=Path, metavar="PATH", help="write the report as JSON")
+    p.add_argument(
+        "--md",
+        type=Path,
+        metavar="PATH",
+        help="rewrite the kmeans section (between its markers) of this markdown file",
+    )
+    p.add_argument(
+        "--n-iter", type=_positive_int, default=15, metavar="N", help="iterations (default 15)"
+    )
+    p.add_argument("--seed", type=_non_negative_int, default=0, help="seed of every run")
+    p.add_argument(
+        "--methods",
+        type=_name_list(methods),
+        default=methods,
+        metavar="LIST",
+        help=f"comma-separated methods (default {','.join(methods)})",
+    )
+    p.add_argument(
+        "--no-memory", action="store_true", help="skip the 10M x 8 peak-memory measurement"
+    )
+    p.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help=f"torch and faiss threads (default: all {os.cpu_count()} cores)",
+    )
+    # Hidden: restrict to some data sets by name or shell pattern (tests, investigations).
+    p.add_argument("--datasets", type=_pattern_list, default=(), help=argparse.SUPPRESS)
+    p.set_defaults(handler=_run_bench_kmeans)
+
+
+# Benchmarks under `dist-pgkm bench`; add ptq, scaling, finetune, dkm here.
+_BENCHMARKS: tuple[Callable[[Subparsers, list[argparse.ArgumentParser]], None], ...] = (
+    _register_bench_kmeans,
+)
+
+
+def _register_bench(subparsers: Subparsers, parents: list[argparse.ArgumentParser]) -> None:
+    p = subparsers.add_parser("bench", parents=parents, help="run a benchmark")
+    benches = p.add_subparsers(dest="benchmark", metavar="BENCHMARK", required=True)
+    for register in _BENCHMARKS:
+        register(benches, parents)
+
+
+# Top-level commands; add quantize, eval, inspect, merge, finetune here.
+_COMMANDS: tuple[Callable[[Subparsers, list[argparse.ArgumentParser]], None], ...] = (
+    _register_bench,
+)
+
+
+# --- entry point -------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``dist-pgkm`` argument parser with every registered command."""
+    # -v is accepted before and after the command. Its default is SUPPRESS so that a subcommand
+    # parser does not reset a count given before the command (argparse shares the action).
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=argparse.SUPPRESS,
+        help="more log output on stderr (-v: info, -vv: debug)",
+    )
+    parser = argparse.ArgumentParser(
+        prog="dist-pgkm",
+        description="Product quantization of pretrained models with Partitioning-Guided k-means.",
+        parents=[common],
+    )
+    parser.add_argument("--version", action="version", version=f"dist-pgkm {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for register in _COMMANDS:
+        register(commands, [common])
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``dist-pgkm`` with ``argv`` (default: ``sys.argv[1:]``).
+
+    Returns:
+        The exit status: 0 on success, 2 on a usage or user error (``error: ...`` on stderr).
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    args.argv = argv
+    # Absent when -v was not given (its default is SUPPRESS, see build_parser).
+    _setup_logging(getattr(args, "verbose", 0))
+    handler: Handler = args.handler
+    try:
+        return handler(args)
+    except DistPGKMError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return _EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted\n")
+        return _EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())
