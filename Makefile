@@ -26,7 +26,7 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy
 
 bench: $(STAMP)
-	$(PY) -m dist_pgkm.cli bench kmeans --json benchmarks/results/kmeans.json
+	$(PY) -m dist_pgkm.cli bench kmeans --json benchmarks/results/kmeans.json --md docs/benchmarks.md
 
 setup: $(STAMP)
 
