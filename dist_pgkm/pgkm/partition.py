@@ -19,7 +19,9 @@ __all__ = [
     "Cut",
     "Split",
     "SplitBy",
+    "apply_split",
     "bisect",
+    "bisect_sampled",
     "partition",
     "partition_scores",
     "principal_axes",
@@ -182,6 +184,46 @@ def bisect(
         0, ss[upper], sp[upper], "amin"
     )
     return out, Split(parts, new_ids, mean, axis, (top_lo + low_up) / 2)
+
+
+def apply_split(points: torch.Tensor, labels: torch.Tensor, split: Split) -> torch.Tensor:
+    """Apply one batch of cuts to every point whose label was split (same formula as bisect)."""
+    member, s = _slots(labels, split.parts)
+    up = _project(points[member], split.mean[s], split.axis[s]) > split.threshold[s]
+    out = labels.clone()
+    out[member[up]] = split.new_ids[s[up]]
+    return out
+
+
+def bisect_sampled(
+    points: torch.Tensor,
+    weights: torch.Tensor,
+    labels: torch.Tensor,
+    parts: torch.Tensor,
+    new_ids: torch.Tensor,
+    cut: Cut = "sse",
+    per_part: int = 128,
+) -> torch.Tensor:
+    """:func:`bisect` whose cuts are learnt on at most ``per_part`` points of each partition.
+
+    Each partition's sample is every ``ceil(size / per_part)``-th of its points in index order
+    (deterministic, at least two points); the cuts are then applied to all points. Partitions
+    no larger than ``per_part`` are cut exactly as :func:`bisect` would.
+
+    Returns:
+        The new labels.
+    """
+    member, s = _slots(labels, parts)
+    count = torch.bincount(s, minlength=parts.numel())
+    if int(count.max()) <= per_part:
+        return bisect(points, weights, labels, parts, new_ids, cut)[0]
+    order = torch.argsort(s, stable=True)  # members grouped by partition, in index order
+    start = torch.cumsum(count, 0) - count
+    rank = torch.arange(order.numel()) - start[s[order]]
+    step = (count + per_part - 1) // per_part  # (c,) >= 1
+    rows = member[order[rank % step[s[order]] == 0]]
+    _, split = bisect(points[rows], weights[rows], labels[rows], parts, new_ids, cut)
+    return apply_split(points, labels, split)
 
 
 def _exclusive(cum: torch.Tensor) -> torch.Tensor:
