@@ -76,7 +76,7 @@ def fairseq_em(inp: ClusterInput, eps: float = 1e-6, max_tentatives: int = 100) 
             break
         converged = previous is not None and torch.equal(codes, previous)
         if not converged:
-            centroids = update_centroids(cols, w, codes, centroids.float()).to(dtype)
+            centroids = update_centroids(x, w, codes, centroids.float(), cols).to(dtype)
         stats.elapsed.append(time.perf_counter() - inp.t0)
         if converged:
             break

@@ -64,25 +64,26 @@ MoveFn = Callable[[RepairInput], torch.Tensor]
 
 
 def update_centroids(
-    cols: torch.Tensor,
+    x: torch.Tensor,
     weights: torch.Tensor | None,
     codes: torch.Tensor,
     centroids: torch.Tensor,
+    cols: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """M-step: every non-empty centroid becomes the weighted mean of its members.
 
     Args:
-        cols: ``(d, n)`` weighted points in column layout
-            (:func:`~dist_pgkm.kmeans.metrics.columns`).
+        x: ``(n, d)`` points.
         weights: ``(n,)`` weights (None for ones), for the cluster masses.
         codes: ``(n,)`` cluster of every point.
         centroids: ``(k, d)`` current centroids; empty clusters keep theirs.
+        cols: ``columns(x, weights)``, cached by a caller that updates many times.
 
     Returns:
         A new ``(k, d)`` float32 tensor.
     """
     k = centroids.shape[0]
-    sums = segment_sum(codes, cols, k)
+    sums = segment_sum(codes, x, k, weights, cols)
     counts = cluster_weights(codes, weights, k)
     out = centroids.to(torch.float32).clone()
     filled = counts > 0
@@ -126,7 +127,7 @@ def lloyd(
     """
     t0 = time.perf_counter() if t0 is None else t0
     k = centroids.shape[0]
-    cols = columns(x, weights)  # (d, n), once per run: the M-step's layout
+    cols = columns(x, weights)  # the M-step's layout, once per run when it is small
     codes = torch.zeros(x.shape[0], dtype=torch.int64, device=x.device)
     previous: torch.Tensor | None = None
     for it in range(n_iter):
@@ -143,7 +144,7 @@ def lloyd(
             moved = moves(RepairInput(x, weights, codes, dist, counts, empty, generator, centroids))
             changed = (moved != codes).nonzero().flatten()
             if changed.numel():
-                codes, dist = moved, dist.clone()
+                codes = moved  # dist is this iteration's own tensor: update it in place
                 dist[changed] = ((x[changed] - centroids[codes[changed]]) ** 2).sum(dim=1)
                 counts = cluster_weights(codes, weights, k)
                 freed = (counts == 0).nonzero().flatten()
@@ -156,7 +157,7 @@ def lloyd(
         stats.iterations += 1
         converged = previous is not None and torch.equal(codes, previous)
         if not converged:  # at a fixed point the update would give the same centroids
-            centroids = update_centroids(cols, weights, codes, centroids)
+            centroids = update_centroids(x, weights, codes, centroids, cols)
         stats.elapsed.append(time.perf_counter() - t0)
         if converged:
             break

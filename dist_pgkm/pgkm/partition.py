@@ -13,7 +13,7 @@ from typing import Literal
 
 import torch
 
-from dist_pgkm.kmeans.metrics import columns, segment_sum
+from dist_pgkm.kmeans.metrics import segment_sum
 
 __all__ = [
     "Cut",
@@ -149,7 +149,7 @@ def bisect(
     member, s = _slots(labels, parts)  # (q,) points being split, slot of each
     px, pw = points[member], weights[member]
     wsum = torch.bincount(s, weights=pw.double(), minlength=c)  # (c,)
-    mean = segment_sum(s, columns(px, pw), c) / wsum.clamp(min=_TINY).float()[:, None]  # (c, d)
+    mean = segment_sum(s, px, c, pw) / wsum.clamp(min=_TINY).float()[:, None]  # (c, d)
     xc = px - mean[s]  # (q, d) centred
     cov = torch.empty(c, d, d)
     for i in range(d):  # weighted covariance, one grouped sum per entry of the upper triangle
@@ -186,12 +186,19 @@ def bisect(
     return out, Split(parts, new_ids, mean, axis, (top_lo + low_up) / 2)
 
 
-def apply_split(points: torch.Tensor, labels: torch.Tensor, split: Split) -> torch.Tensor:
-    """Apply one batch of cuts to every point whose label was split (same formula as bisect)."""
+def apply_split(
+    points: torch.Tensor, labels: torch.Tensor, split: Split, chunk: int = 1 << 18
+) -> torch.Tensor:
+    """Apply one batch of cuts to every point whose label was split (same formula as bisect).
+
+    Works in chunks of ``chunk`` members; returns new labels.
+    """
     member, s = _slots(labels, split.parts)
-    up = _project(points[member], split.mean[s], split.axis[s]) > split.threshold[s]
     out = labels.clone()
-    out[member[up]] = split.new_ids[s[up]]
+    for a in range(0, member.numel(), chunk):
+        m, sl = member[a : a + chunk], s[a : a + chunk]
+        up = _project(points[m], split.mean[sl], split.axis[sl]) > split.threshold[sl]
+        out[m[up]] = split.new_ids[sl[up]]
     return out
 
 

@@ -9,7 +9,6 @@ import torch
 
 from dist_pgkm.kmeans.assign import make_assigner
 from dist_pgkm.kmeans.lloyd import finish, lloyd, update_centroids
-from dist_pgkm.kmeans.metrics import columns
 from dist_pgkm.kmeans.types import ClusterInput, KMeansResult
 from dist_pgkm.pgkm.consolidate import consolidate as consolidate_points
 from dist_pgkm.pgkm.moves import merge_cheapest_pairs
@@ -73,7 +72,7 @@ def pg_kmeans(
     if preassign:
         sample = init_sample_per_centroid * k
         labels, _ = partition(points, weights, k, split_by, cut, sample, gen)
-        init = update_centroids(columns(points, pw), pw, labels, torch.zeros(k, d))
+        init = update_centroids(points, pw, labels, torch.zeros(k, d))
     else:
         init = points[torch.randperm(m, generator=gen)[:k]].clone()
     stats.init_seconds = time.perf_counter() - inp.t0

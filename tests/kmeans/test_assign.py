@@ -8,7 +8,7 @@ import torch
 from dist_pgkm.errors import BackendUnavailableError
 from dist_pgkm.kmeans.assign import FaissAssigner, TorchAssigner, make_assigner, resolve_backend
 from dist_pgkm.kmeans.lloyd import update_centroids
-from dist_pgkm.kmeans.metrics import columns, segment_sum
+from dist_pgkm.kmeans.metrics import segment_sum
 from dist_pgkm.utils.optional import faiss_available, faiss_num_gpus
 
 from ..conftest import gaussian_mixture
@@ -63,9 +63,9 @@ def test_segment_sum_and_update_match_index_add_reference() -> None:
     codes = torch.randint(0, 100, (10_000,), generator=g)
     codes[codes == 7] = 8  # cluster 7 is empty
     ref = torch.zeros(100, 8, dtype=torch.float64).index_add_(0, codes, x.double() * w[:, None])
-    assert torch.allclose(segment_sum(codes, columns(x, w), 100).double(), ref, atol=1e-4)
+    assert torch.allclose(segment_sum(codes, x, 100, w).double(), ref, atol=1e-4)
     old = torch.full((100, 8), 42.0)
-    new = update_centroids(columns(x, w), w, codes, old)
+    new = update_centroids(x, w, codes, old)
     mass = torch.zeros(100, dtype=torch.float64).index_add_(0, codes, w.double())
     filled = mass > 0
     assert torch.allclose(new[filled].double(), ref[filled] / mass[filled, None], atol=1e-5)
@@ -102,3 +102,18 @@ def test_faiss_gpu_backend_matches_cpu() -> None:  # pragma: no cover - needs a 
     a, _ = FaissAssigner(x).assign(c)
     b, _ = make_assigner(x, "faiss-gpu").assign(c)
     assert (a == b).float().mean() > 0.999
+
+
+def test_segment_sum_chunked_and_cached_layouts_agree(monkeypatch: pytest.MonkeyPatch) -> None:
+    import dist_pgkm.kmeans.metrics as metrics
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(5000, 4, generator=g)
+    w = torch.rand(5000, generator=g)
+    ids = torch.randint(0, 50, (5000,), generator=g)
+    cached = segment_sum(ids, x, 50, w, metrics.columns(x, w))
+    monkeypatch.setattr(metrics, "_CHUNK", 1024)  # several chunks
+    chunked = segment_sum(ids, x, 50, w)
+    assert torch.allclose(cached, chunked, atol=1e-4)
+    monkeypatch.setattr(metrics, "_CACHED_COLUMNS_MAX", 100)
+    assert metrics.columns(x, w) is None  # too big to cache: sums go chunk by chunk
