@@ -9,6 +9,7 @@ from __future__ import annotations
 
 __all__ = [
     "BackendUnavailableError",
+    "CheckpointError",
     "ConfigError",
     "DistPGKMError",
     "InvalidInputError",
@@ -34,3 +35,7 @@ class BackendUnavailableError(DistPGKMError, RuntimeError):
 
 class ModelSourceError(DistPGKMError, FileNotFoundError):
     """A model (directory, file or packaged real model) cannot be found or read."""
+
+
+class CheckpointError(DistPGKMError, ValueError):
+    """A checkpoint, shard or manifest is missing, truncated, corrupt or inconsistent."""
