@@ -26,13 +26,18 @@ class PQModule(nn.Module):
         centroids: ``(k, block_size)`` codebook.
         codes: ``(n_blocks,)`` codeword of every block, ``n_blocks * block_size`` = weight size.
         weight_shape: Shape of the dense weight.
+        bias: Optional bias, kept as a float parameter.
     """
 
     float_type: ClassVar[type[nn.Module]]
     codes: torch.Tensor  # registered buffer
 
     def __init__(
-        self, centroids: torch.Tensor, codes: torch.Tensor, weight_shape: tuple[int, ...]
+        self,
+        centroids: torch.Tensor,
+        codes: torch.Tensor,
+        weight_shape: tuple[int, ...],
+        bias: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         k, block_size = centroids.shape
@@ -52,6 +57,7 @@ class PQModule(nn.Module):
         self.centroids = nn.Parameter(centroids.detach().to(torch.float32).clone())
         self.register_buffer("codes", codes.detach().to(torch.int64).clone())
         self.weight_shape = tuple(weight_shape)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
 
     @property
     def weight(self) -> torch.Tensor:
@@ -75,16 +81,6 @@ class PQLinear(PQModule):
 
     float_type = nn.Linear
 
-    def __init__(
-        self,
-        centroids: torch.Tensor,
-        codes: torch.Tensor,
-        weight_shape: tuple[int, ...],
-        bias: torch.Tensor | None,
-    ) -> None:
-        super().__init__(centroids, codes, weight_shape)
-        self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
-
     @classmethod
     def from_float(
         cls, module: nn.Module, centroids: torch.Tensor, codes: torch.Tensor
@@ -93,7 +89,7 @@ class PQLinear(PQModule):
         return cls(centroids, codes, tuple(module.weight.shape), module.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias)
+        return F.linear(x, self.weight.to(x.dtype), self.bias)
 
 
 class PQEmbedding(PQModule):
@@ -135,8 +131,7 @@ class PQConv2d(PQModule):
         bias: torch.Tensor | None,
         conv: dict[str, Any],
     ) -> None:
-        super().__init__(centroids, codes, weight_shape)
-        self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
+        super().__init__(centroids, codes, weight_shape, bias)
         self.conv = dict(conv)
 
     @classmethod
