@@ -1,1 +1,2 @@
-"""Model sources: Hugging Face dirs, safetensors and GGUF files, and the packaged real models."""
+"""Model sources (today: the real models installable offline; next: HF dirs, safetensors and
+GGUF files read lazily)."""

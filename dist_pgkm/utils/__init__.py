@@ -1,1 +1,1 @@
-"""Small shared helpers: optional imports, seeding, timing."""
+"""Small shared helpers (today: lazy imports of optional dependencies)."""
