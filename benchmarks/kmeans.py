@@ -582,14 +582,23 @@ def _target_no_repair_pass(runs: _Runs) -> Target:
     )
 
 
+def _worst(
+    ratios: Mapping[str, float | str | None],
+) -> tuple[str | None, float | str | None]:
+    """The data set with the largest ratio and that ratio (None, None when there is none)."""
+    if not ratios:
+        return None, None
+    name = max(ratios, key=lambda n: _as_float(ratios[n]))
+    return name, ratios[name]
+
+
 def _target_sse_vs_best(runs: _Runs) -> Target:
     ratios = {
         name: r["pgkm"]["sse_vs_best_baseline"]
         for name, r in runs.items()
         if r["pgkm"]["regime"] != "speed" and r["pgkm"]["sse_vs_best_baseline"] is not None
     }
-    worst = max(ratios, key=lambda n: _as_float(ratios[n])) if ratios else None
-    value = None if worst is None else ratios[worst]
+    worst, value = _worst(ratios)
     return Target(
         id="4a",
         name="worst pgkm SSE / best baseline SSE (real data sets)",
@@ -607,8 +616,7 @@ def _target_sse_vs_fairseq(runs: _Runs) -> Target:
         for name, r in runs.items()
         if "fairseq-em" in r and r["pgkm"]["variant"] in ("zero20", "zero50")
     }
-    worst = max(ratios, key=lambda n: _as_float(ratios[n])) if ratios else None
-    value = None if worst is None else ratios[worst]
+    worst, value = _worst(ratios)
     return Target(
         id="4b",
         name="worst pgkm SSE / fairseq-em SSE (zero-block data sets)",
