@@ -24,12 +24,15 @@ class QuantizedWeight:
         codes: ``(n_blocks,)`` int64 codeword of every block.
         shape: Shape of the dense weight.
         stats: The clustering run's statistics.
+        weight_sq: ``||W||²`` of the original weight (float64), so that ``stats.sse /
+            weight_sq`` is the relative error.
     """
 
     centroids: torch.Tensor
     codes: torch.Tensor
     shape: tuple[int, ...]
     stats: KMeansStats
+    weight_sq: float = 0.0
 
     @property
     def block_size(self) -> int:
@@ -84,4 +87,11 @@ def quantize_weight(
     """
     x = to_subvectors(weight.detach(), block_size, name)  # (out * in / bs, bs)
     result = cluster(x, k, method=method, seed=seed, compact=True, **options)
-    return QuantizedWeight(result.centroids, result.codes, tuple(weight.shape), result.stats)
+    # ||W||^2 in float64, a million blocks at a time (a float64 copy of a whole embedding of a
+    # large model would not fit).
+    weight_sq = 0.0
+    for start in range(0, x.shape[0], 1 << 20):
+        weight_sq += float(x[start : start + (1 << 20)].double().pow(2).sum())
+    return QuantizedWeight(
+        result.centroids, result.codes, tuple(weight.shape), result.stats, weight_sq
+    )
