@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["FairseqEMOptions", "MethodOptions", "NoOptions", "PGKMOptions"]
+__all__ = ["METHOD_OPTIONS", "FairseqEMOptions", "MethodOptions", "NoOptions", "PGKMOptions"]
 
 
 class MethodOptions(BaseModel):
@@ -42,3 +42,12 @@ class FairseqEMOptions(MethodOptions):
 
     eps: float = Field(1e-6, gt=0.0)
     max_tentatives: int = Field(100, ge=0)
+
+
+METHOD_OPTIONS: dict[str, type[MethodOptions]] = {
+    "pgkm": PGKMOptions,
+    "fairseq-em": FairseqEMOptions,
+    "faiss": NoOptions,
+    "kmeans++": NoOptions,
+}
+"""Options model of every clustering method, by method name."""

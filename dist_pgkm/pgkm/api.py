@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from pydantic import ValidationError
 
-from dist_pgkm.config.kmeans import FairseqEMOptions, MethodOptions, NoOptions, PGKMOptions
+from dist_pgkm.config.kmeans import METHOD_OPTIONS, MethodOptions
 from dist_pgkm.errors import ConfigError, InvalidInputError
 from dist_pgkm.kmeans.assign import BACKENDS
 from dist_pgkm.kmeans.baselines import fairseq_em, faiss_kmeans, kmeanspp_kmeans
@@ -31,10 +31,10 @@ class MethodSpec:
 
 
 METHODS: dict[str, MethodSpec] = {
-    "pgkm": MethodSpec(pg_kmeans, PGKMOptions),
-    "fairseq-em": MethodSpec(fairseq_em, FairseqEMOptions),
-    "faiss": MethodSpec(faiss_kmeans, NoOptions),
-    "kmeans++": MethodSpec(kmeanspp_kmeans, NoOptions),
+    "pgkm": MethodSpec(pg_kmeans, METHOD_OPTIONS["pgkm"]),
+    "fairseq-em": MethodSpec(fairseq_em, METHOD_OPTIONS["fairseq-em"]),
+    "faiss": MethodSpec(faiss_kmeans, METHOD_OPTIONS["faiss"]),
+    "kmeans++": MethodSpec(kmeanspp_kmeans, METHOD_OPTIONS["kmeans++"]),
 }
 
 
