@@ -11,32 +11,51 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 
+from dist_pgkm.checkpoint.atomic import atomic_open
 from dist_pgkm.errors import CheckpointError, InvalidInputError
 from dist_pgkm.pq.pack import bits_for, pack_codes, packed_nbytes, unpack_codes
 from dist_pgkm.pq.quantize import QuantizedWeight
 
-__all__ = ["FORMAT_VERSION", "decode_layer", "encode_layer", "read_shard", "write_shard"]
+__all__ = [
+    "FORMAT_VERSION",
+    "decode_layer",
+    "encode_layer",
+    "file_sha256",
+    "read_shard",
+    "write_shard",
+]
 
 FORMAT_VERSION = "1"
 _CENTROID_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 def encode_layer(
-    name: str, q: QuantizedWeight, centroid_dtype: str = "float16"
+    name: str,
+    q: QuantizedWeight,
+    centroid_dtype: str = "float16",
+    kind: str = "linear",
+    k: int | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and header metadata of one quantized layer."""
+    """Tensors and header metadata of one quantized layer (docs/format.md).
+
+    Args:
+        name: Module name of the layer.
+        q: The quantized weight.
+        centroid_dtype: Storage dtype of the codebook.
+        kind: ``linear``, ``embedding`` or ``conv2d``.
+        k: Requested codebook size (default: the stored one).
+    """
     if centroid_dtype not in _CENTROID_DTYPES:
         raise InvalidInputError(
             f"centroid dtype {centroid_dtype!r} is not supported; use one of "
             f"{sorted(_CENTROID_DTYPES)}."
         )
     bits = bits_for(q.k_used)
+    stats = q.stats.as_dict() if q.stats is not None else {}
     tensors = {
         f"{name}.centroids": q.centroids.to(_CENTROID_DTYPES[centroid_dtype]).contiguous(),
         f"{name}.codes": pack_codes(q.codes, bits),
@@ -44,12 +63,15 @@ def encode_layer(
     meta = {
         "format_version": FORMAT_VERSION,
         "layer": name,
+        "kind": kind,
+        "k": str(q.k_used if k is None else k),
         "shape": json.dumps(list(q.shape)),
         "block_size": str(q.block_size),
         "k_used": str(q.k_used),
         "bits": str(bits),
         "n_blocks": str(q.codes.numel()),
         "centroid_dtype": centroid_dtype,
+        "stats": json.dumps({**stats, "weight_sq": q.weight_sq}, sort_keys=True),
     }
     return tensors, meta
 
@@ -120,7 +142,8 @@ def decode_layer(
     return name, centroids.to(torch.float32), codes, shape
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes, read in 1 MiB blocks."""
     digest = hashlib.sha256()
     with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -136,24 +159,9 @@ def write_shard(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, st
     """
     from safetensors.torch import save
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     data = save(tensors, metadata=meta)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    with atomic_open(Path(path)) as f:
+        f.write(data)
     return hashlib.sha256(data).hexdigest()
 
 
@@ -170,7 +178,7 @@ def read_shard(
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such shard. Run the same command again to redo it.")
-    if sha256 is not None and _sha256(path) != sha256:
+    if sha256 is not None and file_sha256(path) != sha256:
         raise CheckpointError(
             f"{path}: sha256 differs from the manifest (truncated or modified after it was "
             "written). Delete it; a resumed run redoes the layer."

@@ -1,0 +1,235 @@
+"""What a quantized checkpoint holds and costs, read from headers only (no tensor data).
+
+One source of truth for every size a user sees: ``dist-pgkm inspect``, the run report and the
+benchmarks all call :func:`describe`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dist_pgkm.checkpoint.manifest import MANIFEST_NAME
+from dist_pgkm.checkpoint.merge import read_shard_header
+from dist_pgkm.errors import CheckpointError
+
+__all__ = ["CheckpointSummary", "LayerSummary", "describe"]
+
+_CENTROID_BITS = {"float16": 16, "bfloat16": 16, "float32": 32}
+
+
+@dataclass(frozen=True)
+class LayerSummary:
+    """One quantized layer: its layout, its cost in bits, and how its clustering went."""
+
+    name: str
+    kind: str
+    shape: tuple[int, ...]
+    block_size: int
+    k: int
+    k_used: int
+    bits: int
+    n_weights: int
+    code_bytes: int
+    codebook_bytes: int
+    bits_per_weight: float
+    sse: float | None
+    weight_sq: float | None
+    empty_after_init: int | None
+    empty_total: int | None
+    empty_final: int | None
+    seconds: float | None
+    tied: tuple[str, ...] = ()
+
+    @property
+    def rel_sse(self) -> float | None:
+        """SSE relative to the weight's squared norm (``||W - Ŵ||² / ||W||²``)."""
+        if self.sse is None or not self.weight_sq:
+            return None
+        return self.sse / self.weight_sq
+
+    @property
+    def codeword_use(self) -> float:
+        return self.k_used / self.k
+
+
+@dataclass
+class CheckpointSummary:
+    """Totals over a checkpoint, and its quantized layers."""
+
+    path: Path
+    method: str
+    layers: list[LayerSummary] = field(default_factory=list)
+    float_params: int = 0  # floating-point tensors stored as they are
+    float_bytes: int = 0  # every unquantized tensor, integer buffers included
+    checkpoint_bytes: int = 0
+
+    @property
+    def quantized_params(self) -> int:
+        return sum(layer.n_weights for layer in self.layers)
+
+    @property
+    def quantized_bytes(self) -> int:
+        return sum(layer.code_bytes + layer.codebook_bytes for layer in self.layers)
+
+    @property
+    def params(self) -> int:
+        return self.quantized_params + self.float_params
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Bits per quantized weight, codebooks included."""
+        return 8 * self.quantized_bytes / max(1, self.quantized_params)
+
+    @property
+    def model_bits_per_param(self) -> float:
+        """Bits per parameter over the whole checkpoint (float tensors as stored)."""
+        return 8 * self.checkpoint_bytes / max(1, self.params)
+
+    @property
+    def compression_vs_fp16(self) -> float:
+        """Size of the model in fp16 over the checkpoint's size."""
+        return 2 * self.params / max(1, self.checkpoint_bytes)
+
+    def as_dict(self) -> dict[str, Any]:
+        out = {
+            "path": str(self.path),
+            "method": self.method,
+            "params": self.params,
+            "quantized_params": self.quantized_params,
+            "float_params": self.float_params,
+            "quantized_bytes": self.quantized_bytes,
+            "float_bytes": self.float_bytes,
+            "checkpoint_bytes": self.checkpoint_bytes,
+            "bits_per_weight": self.bits_per_weight,
+            "model_bits_per_param": self.model_bits_per_param,
+            "compression_vs_fp16": self.compression_vs_fp16,
+            "empty_final": sum(layer.empty_final or 0 for layer in self.layers),
+            "empty_total": sum(layer.empty_total or 0 for layer in self.layers),
+            "layers": [
+                {**asdict(layer), "rel_sse": layer.rel_sse, "codeword_use": layer.codeword_use}
+                for layer in self.layers
+            ],
+        }
+        return out
+
+
+def _model_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        return [path / name for name in sorted(set(weight_map.values()))]
+    return [path / "model.safetensors"]
+
+
+def describe(path: str | Path) -> CheckpointSummary:
+    """Summarise a merged checkpoint directory (or, before the merge, a run's shards).
+
+    Raises:
+        CheckpointError: ``path`` is not a dist-pgkm checkpoint or run directory.
+    """
+    path = Path(path)
+    config_path = path / "config.json"
+    manifest_path = path / MANIFEST_NAME
+    manifest: dict[str, Any] = {}
+    if manifest_path.is_file():
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    if not config_path.is_file() and not manifest:
+        raise CheckpointError(
+            f"{path}: neither config.json nor {MANIFEST_NAME} found; not a dist-pgkm checkpoint. "
+            "Pass the --out directory of `dist-pgkm quantize`."
+        )
+    qconfig: dict[str, Any] = {}
+    if config_path.is_file():
+        qconfig = json.loads(config_path.read_text(encoding="utf-8")).get("quantization_config", {})
+    if config_path.is_file() and qconfig.get("quant_method") != "pgkm":
+        raise CheckpointError(
+            f"{config_path}: no pgkm quantization_config; this is not a dist-pgkm checkpoint."
+        )
+    records = manifest.get("layers", {})
+    centroid_dtype = qconfig.get(
+        "centroid_dtype", manifest.get("fingerprint", {}).get("config", {}).get("centroid_dtype")
+    )
+    summary = CheckpointSummary(path, qconfig.get("method", "?"))
+    tied = qconfig.get("tied", {})
+    for name in sorted(set(qconfig.get("layers", {})) | set(records)):
+        spec = qconfig.get("layers", {}).get(name)
+        stats: dict[str, Any] = {}
+        record = records.get(name)
+        if record is not None and (path / record["shard"]).is_file():
+            meta, _ = read_shard_header(path / record["shard"])
+            stats = json.loads(meta.get("stats", "{}"))
+            if spec is None:
+                spec = {
+                    "kind": meta["kind"],
+                    "shape": json.loads(meta["shape"]),
+                    "block_size": int(meta["block_size"]),
+                    "k": int(meta["k"]),
+                    "k_used": int(meta["k_used"]),
+                    "bits": int(meta["bits"]),
+                }
+        if spec is None:
+            continue
+        n_weights = math.prod(spec["shape"])
+        n_blocks = n_weights // spec["block_size"]
+        code_bytes = (n_blocks * spec["bits"] + 7) // 8
+        book_bytes = spec["k_used"] * spec["block_size"] * _CENTROID_BITS[centroid_dtype] // 8
+        summary.layers.append(
+            LayerSummary(
+                name=name,
+                kind=spec["kind"],
+                shape=tuple(spec["shape"]),
+                block_size=spec["block_size"],
+                k=spec["k"],
+                k_used=spec["k_used"],
+                bits=spec["bits"],
+                n_weights=n_weights,
+                code_bytes=code_bytes,
+                codebook_bytes=book_bytes,
+                bits_per_weight=8 * (code_bytes + book_bytes) / n_weights,
+                sse=stats.get("sse"),
+                weight_sq=stats.get("weight_sq"),
+                empty_after_init=stats.get("empty_after_init"),
+                empty_total=stats.get("empty_total"),
+                empty_final=stats.get("empty_final"),
+                seconds=record["seconds"] if record else None,
+                tied=tuple(t for t, owner in tied.items() if owner == name),
+            )
+        )
+    files = _model_files(path)
+    if all(f.is_file() for f in files) and config_path.is_file():
+        from safetensors import safe_open
+
+        quantized_keys = {
+            f"{layer.name}.{s}" for layer in summary.layers for s in ("centroids", "codes")
+        }
+        for file in files:
+            summary.checkpoint_bytes += file.stat().st_size
+            with safe_open(str(file), framework="pt") as f:
+                for key in f.keys():  # noqa: SIM118 (not a dict)
+                    if key in quantized_keys:
+                        continue
+                    piece = f.get_slice(key)
+                    numel = math.prod(piece.get_shape())
+                    dtype = piece.get_dtype()
+                    summary.float_bytes += numel * _ELEMENT_BYTES[dtype]
+                    if dtype.startswith(("F", "BF")):  # integer buffers are not parameters
+                        summary.float_params += numel
+    return summary
+
+
+_ELEMENT_BYTES = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+}

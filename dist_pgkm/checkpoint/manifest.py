@@ -1,0 +1,188 @@
+"""``manifest.json``: what a run is (its fingerprint) and which layers are finished.
+
+The coordinator is the manifest's only writer. It rewrites the whole file atomically after each
+finished layer, so after a crash the manifest lists exactly the layers whose shards were
+completely on disk before it was written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from dist_pgkm.checkpoint.atomic import atomic_write_json
+from dist_pgkm.checkpoint.shard import file_sha256
+from dist_pgkm.errors import CheckpointError
+
+__all__ = ["MANIFEST_NAME", "MANIFEST_VERSION", "LayerRecord", "Manifest", "fingerprint_diff"]
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_VERSION = 1
+
+
+@dataclass(frozen=True)
+class LayerRecord:
+    """A finished layer: its shard (relative to the output dir), the shard's sha256, and time."""
+
+    shard: str
+    sha256: str
+    seconds: float
+
+
+def fingerprint_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Human-readable differences between two fingerprints (empty when equal)."""
+    problems = []
+    if old.get("dist_pgkm_version") != new.get("dist_pgkm_version"):
+        problems.append(
+            f"it was written by dist-pgkm {old.get('dist_pgkm_version')}, this is "
+            f"{new.get('dist_pgkm_version')}"
+        )
+    old_cfg, new_cfg = old.get("config", {}), new.get("config", {})
+    for key in sorted(set(old_cfg) | set(new_cfg)):
+        if old_cfg.get(key) != new_cfg.get(key):
+            problems.append(
+                f"config `{key}` was {json.dumps(old_cfg.get(key))}, now "
+                f"{json.dumps(new_cfg.get(key))}"
+            )
+    old_src = {f["name"]: f for f in old.get("source", [])}
+    new_src = {f["name"]: f for f in new.get("source", [])}
+    for name in sorted(set(old_src) | set(new_src)):
+        if name not in new_src:
+            problems.append(f"source file {name} is gone")
+        elif name not in old_src:
+            problems.append(f"source file {name} is new")
+        elif old_src[name] != new_src[name]:
+            problems.append(f"source file {name} has changed")
+    if not problems and old != new:
+        problems.append("the model's layers differ")
+    return problems
+
+
+class Manifest:
+    """The run state of one output directory.
+
+    Use :meth:`open` to start or resume a run; :meth:`record` after each finished layer.
+    """
+
+    def __init__(self, out_dir: Path, data: dict[str, Any]) -> None:
+        self.out_dir = Path(out_dir)
+        self.data = data
+
+    @property
+    def path(self) -> Path:
+        return self.out_dir / MANIFEST_NAME
+
+    @classmethod
+    def open(cls, out_dir: Path, fingerprint: dict[str, Any], *, resume: bool) -> Manifest:
+        """Start a run in ``out_dir`` or continue the one there.
+
+        Args:
+            out_dir: Output directory (created when missing).
+            fingerprint: Source files, config and package version of this run.
+            resume: The caller expects an existing run (``--resume``); an empty directory is
+                then an error rather than a fresh start.
+
+        Raises:
+            CheckpointError: ``out_dir`` holds another run (fingerprints differ), files that
+                are not a dist-pgkm run, or an unreadable manifest; or ``resume`` and nothing
+                to resume.
+        """
+        out_dir = Path(out_dir)
+        path = out_dir / MANIFEST_NAME
+        if out_dir.exists() and not out_dir.is_dir():
+            raise CheckpointError(f"{out_dir} is a file; --out must be a directory.")
+        if path.is_file():
+            try:
+                data = json.loads(path.read_text(encoding="utf-8"))
+                old = data["fingerprint"]
+                version = data["format_version"]
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                raise CheckpointError(
+                    f"{path} is unreadable ({exc}). It was not written by this tool, or was "
+                    "edited. Use a new --out directory, or delete this one to start over."
+                ) from exc
+            if version != MANIFEST_VERSION:
+                raise CheckpointError(
+                    f"{path}: manifest version {version!r}, this dist-pgkm writes "
+                    f"{MANIFEST_VERSION}. Use a new --out directory or the version that wrote it."
+                )
+            problems = fingerprint_diff(old, fingerprint)
+            if problems:
+                raise CheckpointError(
+                    f"{out_dir} holds another run, so it cannot be resumed: "
+                    f"{'; '.join(problems[:6])}. Run with the same model and config to resume, "
+                    "or choose a new --out directory (or delete this one) to start over."
+                )
+            logger.info("Resuming the run in %s", out_dir)
+            return cls(out_dir, data)
+        if out_dir.is_dir() and any(p.name != ".lock" for p in out_dir.iterdir()):
+            found = ", ".join(sorted(p.name for p in out_dir.iterdir())[:5])
+            raise CheckpointError(
+                f"{out_dir} is not empty ({found}) and holds no {MANIFEST_NAME}, so it is not a "
+                "dist-pgkm run. Choose a new or empty --out directory."
+            )
+        if resume:
+            raise CheckpointError(
+                f"--resume: {out_dir} holds no run to resume ({MANIFEST_NAME} is missing). "
+                "Drop --resume to start a new run there."
+            )
+        manifest = cls(
+            out_dir,
+            {
+                "format_version": MANIFEST_VERSION,
+                "fingerprint": fingerprint,
+                "layers": {},
+                "merged": None,
+            },
+        )
+        manifest.save()
+        return manifest
+
+    def save(self) -> None:
+        atomic_write_json(self.path, self.data)
+
+    @property
+    def layers(self) -> dict[str, LayerRecord]:
+        """Finished layers by module name."""
+        return {name: LayerRecord(**rec) for name, rec in self.data["layers"].items()}
+
+    def verify(self) -> list[str]:
+        """Check every finished layer's shard against its sha256; forget the bad ones.
+
+        Returns:
+            Names of the layers whose shard was missing, truncated or modified; they will be
+            redone.
+        """
+        bad = []
+        for name, record in self.layers.items():
+            path = self.out_dir / record.shard
+            if not path.is_file() or file_sha256(path) != record.sha256:
+                bad.append(name)
+        for name in bad:
+            logger.warning("Shard of %s is missing or corrupt; the layer will be redone", name)
+            del self.data["layers"][name]
+        if bad:
+            self.data["merged"] = None
+            self.save()
+        return bad
+
+    def record(self, name: str, record: LayerRecord) -> None:
+        """Mark ``name`` finished (its shard must already be on disk) and save."""
+        self.data["layers"][name] = asdict(record)
+        self.data["merged"] = None
+        self.save()
+
+    @property
+    def merged(self) -> dict[str, str] | None:
+        """Files of the merged checkpoint with their sha256, or None before the merge."""
+        merged: dict[str, str] | None = self.data.get("merged")
+        return merged
+
+    def set_merged(self, files: dict[str, str]) -> None:
+        self.data["merged"] = dict(files)
+        self.save()
