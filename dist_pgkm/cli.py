@@ -110,6 +110,7 @@ def _progress() -> Iterator[Callable[[int, int, str], None]]:
         Progress,
         TextColumn,
         TimeElapsedColumn,
+        TimeRemainingColumn,
     )
 
     columns = (
@@ -117,6 +118,8 @@ def _progress() -> Iterator[Callable[[int, int, str], None]]:
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
     )
     console = Console(stderr=True)
     if not console.is_terminal:
@@ -214,6 +217,185 @@ def _register_bench_kmeans(subparsers: Subparsers, parents: list[argparse.Argume
     p.set_defaults(handler=_run_bench_kmeans)
 
 
+# --- quantize / inspect / export-dense / eval ----------------------------------------------
+
+_SIZE_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+}
+
+
+def _byte_size(text: str) -> int:
+    """Parser of a size such as ``5GB``, ``500MB``, ``2GiB`` or a plain number of bytes."""
+    import re
+
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
+    unit = match.group(2).upper() if match else ""
+    if match is None or unit not in _SIZE_UNITS or float(match.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"expected a size such as 5GB or 500MB, got {text!r}")
+    return int(float(match.group(1)) * _SIZE_UNITS[unit])
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    raise AssertionError("unreachable")
+
+
+_PACKAGED_MODELS = {"smollm2-135m": "smollm2_dir", "minilm-l6": "minilm_dir"}
+
+
+def _model_path(text: str) -> Path:
+    """A model argument: a path, or the name of a packaged real model (``smollm2-135m``)."""
+    path = Path(text)
+    if text in _PACKAGED_MODELS and not path.exists():
+        from dist_pgkm.models import offline
+
+        located: Path = getattr(offline, _PACKAGED_MODELS[text])()
+        return located
+    return path
+
+
+def _run_quantize(args: argparse.Namespace) -> int:
+    from dist_pgkm.checkpoint.inspect import describe
+    from dist_pgkm.config.quantize import load_config
+    from dist_pgkm.distributed.coordinator import quantize_model
+
+    config = load_config(args.config, method=args.method, seed=args.seed)
+    with _progress() as update:
+        summary = quantize_model(
+            _model_path(args.model),
+            config,
+            args.out,
+            resume=args.resume,
+            max_shard_bytes=args.max_shard_size,
+            progress=update,
+        )
+    info = describe(args.out)
+    console = _stdout_console()
+    plan = summary.plan
+    console.print(
+        f"[bold]{args.out}[/]: {len(plan.jobs)} layers quantized with {config.method} "
+        f"({summary.done_before} resumed, {len(summary.redone)} redone), "
+        f"{len(plan.skipped)} skipped, {plan.n_float} kept in float"
+    )
+    for skipped in plan.skipped:
+        console.print(f"  skipped {skipped.name} {skipped.shape}: {skipped.reason}")
+    console.print(
+        f"  {info.bits_per_weight:.3f} bits/weight (codebooks included) over "
+        f"{info.quantized_params / 1e6:.1f}M quantized weights; checkpoint "
+        f"{_fmt_bytes(info.checkpoint_bytes)} for {info.params / 1e6:.1f}M parameters "
+        f"({info.compression_vs_fp16:.2f}x smaller than fp16)"
+    )
+    console.print(
+        f"  {summary.seconds:.1f} s (quantize {summary.quantize_seconds:.1f} s, merge "
+        f"{summary.merge_seconds:.1f} s), peak RSS {_fmt_bytes(summary.peak_rss_bytes)}"
+    )
+    if args.json is not None:
+        write_json_file(args.json, {**summary.as_dict(), "checkpoint": info.as_dict()})
+    return 0
+
+
+def _register_quantize(subparsers: Subparsers, parents: list[argparse.ArgumentParser]) -> None:
+    from dist_pgkm.config.kmeans import METHOD_OPTIONS
+
+    p = subparsers.add_parser(
+        "quantize",
+        parents=parents,
+        help="quantize a model's layers into one checkpoint (resumable)",
+        description=(
+            "Product-quantize the layers of MODEL selected by the config into one checkpoint "
+            "in DIR. Running the same command again on the same DIR resumes the run."
+        ),
+    )
+    p.add_argument(
+        "model",
+        help="HF model dir, .safetensors file, GGUF file/dir, or a packaged model: "
+        + ", ".join(_PACKAGED_MODELS),
+    )
+    p.add_argument("--config", required=True, type=Path, metavar="CFG", help="YAML config")
+    p.add_argument("--out", required=True, type=Path, metavar="DIR", help="output directory")
+    p.add_argument(
+        "--resume", action="store_true", help="require an existing run in DIR to continue"
+    )
+    p.add_argument(
+        "--method", choices=tuple(METHOD_OPTIONS), default=None, help="override the config's"
+    )
+    p.add_argument("--seed", type=_non_negative_int, default=None, help="override the config's")
+    p.add_argument(
+        "--max-shard-size",
+        type=_byte_size,
+        default=5 * 10**9,
+        metavar="SIZE",
+        help="split the checkpoint into files of at most SIZE (default 5GB)",
+    )
+    p.add_argument("--json", type=Path, metavar="PATH", help="write the run summary as JSON")
+    p.set_defaults(handler=_run_quantize)
+
+
+def _run_inspect(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from dist_pgkm.checkpoint.inspect import describe
+
+    info = describe(args.dir)
+    table = Table(title=str(args.dir))
+    for column in ("layer", "shape", "bs", "K", "used", "bits/w", "rel SSE", "empty", "s"):
+        table.add_column(column, justify="left" if column == "layer" else "right")
+    for layer in info.layers:
+        table.add_row(
+            layer.name + (f" (+{', '.join(layer.tied)})" if layer.tied else ""),
+            "x".join(map(str, layer.shape)),
+            str(layer.block_size),
+            str(layer.k),
+            f"{layer.codeword_use:.0%}",
+            f"{layer.bits_per_weight:.3f}",
+            "-" if layer.rel_sse is None else f"{layer.rel_sse:.4f}",
+            "-" if layer.empty_final is None else f"{layer.empty_final}/{layer.empty_total}",
+            "-" if layer.seconds is None else f"{layer.seconds:.1f}",
+        )
+    console = _stdout_console()
+    console.print(table)
+    console.print(
+        f"{len(info.layers)} quantized layers, {info.quantized_params / 1e6:.2f}M weights at "
+        f"{info.bits_per_weight:.3f} bits/weight (codebooks included); "
+        f"{info.float_params / 1e6:.2f}M float parameters ({_fmt_bytes(info.float_bytes)}); "
+        f"checkpoint {_fmt_bytes(info.checkpoint_bytes)}, {info.model_bits_per_param:.3f} "
+        f"bits/parameter, {info.compression_vs_fp16:.2f}x smaller than fp16. "
+        "empty = clusters empty at the end / met over all iterations."
+    )
+    if args.json is not None:
+        write_json_file(args.json, info.as_dict())
+    return 0
+
+
+def write_json_file(path: Path, data: Any) -> None:
+    """Write ``data`` as indented JSON."""
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+
+
+def _register_inspect(subparsers: Subparsers, parents: list[argparse.ArgumentParser]) -> None:
+    p = subparsers.add_parser(
+        "inspect",
+        parents=parents,
+        help="per-layer sizes, bits/weight, errors and empty clusters of a checkpoint",
+    )
+    p.add_argument("dir", type=Path, metavar="DIR", help="output directory of quantize")
+    p.add_argument("--json", type=Path, metavar="PATH", help="also write the summary as JSON")
+    p.set_defaults(handler=_run_inspect)
+
+
 # Benchmarks under `dist-pgkm bench`; add ptq, scaling, finetune, dkm here.
 _BENCHMARKS: tuple[Callable[[Subparsers, list[argparse.ArgumentParser]], None], ...] = (
     _register_bench_kmeans,
@@ -229,6 +411,8 @@ def _register_bench(subparsers: Subparsers, parents: list[argparse.ArgumentParse
 
 # Top-level commands; add quantize, eval, inspect, merge, finetune here.
 _COMMANDS: tuple[Callable[[Subparsers, list[argparse.ArgumentParser]], None], ...] = (
+    _register_quantize,
+    _register_inspect,
     _register_bench,
 )
 

@@ -1,0 +1,51 @@
+"""One job, start to finish, as a pure function of the job and its weight.
+
+This is all a worker does, in-process or inside a Ray actor: the coordinator writes the result.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from dist_pgkm.checkpoint.shard import encode_layer
+from dist_pgkm.config.quantize import QuantizeConfig
+from dist_pgkm.distributed.plan import LayerJob
+from dist_pgkm.pq.quantize import quantize_weight
+
+__all__ = ["JobResult", "run_job"]
+
+
+@dataclass
+class JobResult:
+    """A finished job: the shard's tensors and header metadata, and the time it took."""
+
+    name: str
+    tensors: dict[str, torch.Tensor]
+    meta: dict[str, str]
+    seconds: float
+
+
+def run_job(job: LayerJob, weight: torch.Tensor, config: QuantizeConfig) -> JobResult:
+    """Quantize one layer's weight as the job says.
+
+    Args:
+        job: The layer, its block size, codebook size and seed.
+        weight: The layer's weight as stored (any float dtype; clustering is in float32).
+        config: The run's configuration (method, iterations, options, centroid dtype).
+    """
+    start = time.perf_counter()
+    q = quantize_weight(
+        weight,
+        job.block_size,
+        job.k,
+        method=config.method,
+        seed=job.seed,
+        name=job.name,
+        n_iter=config.n_iter,
+        **config.method_options,
+    )
+    tensors, meta = encode_layer(job.name, q, config.centroid_dtype, kind=job.kind, k=job.k)
+    return JobResult(job.name, tensors, meta, time.perf_counter() - start)
