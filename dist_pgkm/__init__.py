@@ -1,13 +1,43 @@
 """dist-pgkm: iterative product quantization with Partitioning-Guided k-means.
 
-``import dist_pgkm`` is light: it imports torch and pydantic, never ray, deepspeed or faiss,
-and never initialises CUDA.
+``import dist_pgkm`` is light: it imports torch and pydantic, never ray, deepspeed, faiss or
+transformers, and never initialises CUDA. It does make transformers able to load dist-pgkm
+checkpoints (``AutoModel*.from_pretrained(DIR)``), through an import hook that registers the
+``pgkm`` quantizer when transformers first needs it (:mod:`dist_pgkm.checkpoint.hf_hook`).
 """
 
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+from dist_pgkm.checkpoint.hf_hook import install as _install_transformers_hook
 from dist_pgkm.errors import DistPGKMError
 from dist_pgkm.kmeans.types import KMeansResult, KMeansStats
 from dist_pgkm.pgkm.api import cluster
 
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel
+
 __version__ = "0.1.0"
 
-__all__ = ["DistPGKMError", "KMeansResult", "KMeansStats", "__version__", "cluster"]
+__all__ = ["DistPGKMError", "KMeansResult", "KMeansStats", "__version__", "cluster", "load"]
+
+
+def load(
+    path: str | os.PathLike[str],
+    dense: bool = False,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+) -> PreTrainedModel:
+    """Load a dist-pgkm checkpoint directory as its transformers model.
+
+    See :func:`dist_pgkm.checkpoint.hf.load` (imported on first call: it needs transformers).
+    """
+    from dist_pgkm.checkpoint.hf import load as load_checkpoint
+
+    return load_checkpoint(path, dense=dense, dtype=dtype, device=device)
+
+
+_install_transformers_hook()

@@ -158,8 +158,8 @@ class PQModule(nn.Module):
         """The float layer this module stands for, holding the decoded weight.
 
         Args:
-            dtype: dtype of the decoded weight (default: the codebook's). The weight is
-                computed as ``centroids[index]`` first, so it is exact whatever ``dtype``.
+            dtype: dtype of the decoded weight (default: the codebook's, which makes it
+                exact); ``centroids[index]`` is gathered first, then cast.
 
         Returns:
             A new ``float_type`` module (``nn.Linear``, ...) whose ``weight`` is a new
@@ -227,7 +227,14 @@ class PQEmbedding(PQModule):
         return nn.Embedding(num, dim, padding_idx=self.padding_idx, device="meta")
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(ids, self.weight, self.padding_idx)
+        # Decode only the looked-up rows, not the whole table: the same values and gradients
+        # as F.embedding(ids, self.weight, padding_idx), whose padding row gets no gradient.
+        num, dim = self.weight_shape
+        rows = self.index.view(num, dim // self.block_size)[ids]  # (*ids, dim / bs)
+        out = self.centroids[rows].flatten(-2)  # (*ids, dim)
+        if self.padding_idx is not None and out.requires_grad:
+            out = torch.where((ids == self.padding_idx).unsqueeze(-1), out.detach(), out)
+        return out
 
 
 class PQConv2d(PQModule):

@@ -90,3 +90,22 @@ def test_bits_per_weight_counts_the_codebook() -> None:
     expected = (n_blocks * 8 + 256 * 8 * 16) / (576 * 1536)
     assert bits_per_weight(n_blocks, 256, 8) == pytest.approx(expected)
     assert bits_per_weight(n_blocks, 4096, 4) > 3.0  # 12 bits / 4 + codebook
+
+
+def test_embedding_decodes_only_its_rows_with_the_same_values_and_gradients() -> None:
+    torch.manual_seed(2)
+    table = nn.Embedding(50, 8, padding_idx=3)
+    q = quantize_weight(table.weight, block_size=2, k=16, backend="torch")
+    pq = PQEmbedding.from_float(table, q.centroids, q.codes)
+    ids = torch.tensor([[3, 7, 7, 49], [0, 3, 12, 1]])
+    out = pq(ids)
+    w = q.dense().requires_grad_(True)
+    ref = torch.nn.functional.embedding(ids, w, padding_idx=3)
+    assert torch.equal(out, ref)
+    upstream = torch.randn_like(out)
+    (out * upstream).sum().backward()
+    (ref * upstream).sum().backward()
+    assert w.grad is not None
+    assert pq.centroids.grad is not None
+    expected = torch.zeros_like(q.centroids).index_add_(0, q.codes, to_subvectors(w.grad, 2))
+    assert torch.allclose(pq.centroids.grad, expected, atol=1e-6)  # padding row: no gradient
