@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -117,6 +118,11 @@ class CheckpointSummary:
         return out
 
 
+def _natural(name: str) -> list[int | str]:
+    """Sort key putting ``layers.2`` before ``layers.10``."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
 def _model_files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.is_file():
@@ -155,7 +161,7 @@ def describe(path: str | Path) -> CheckpointSummary:
     )
     summary = CheckpointSummary(path, qconfig.get("method", "?"))
     tied = qconfig.get("tied", {})
-    for name in sorted(set(qconfig.get("layers", {})) | set(records)):
+    for name in sorted(set(qconfig.get("layers", {})) | set(records), key=_natural):
         spec = qconfig.get("layers", {}).get(name)
         stats: dict[str, Any] = {}
         record = records.get(name)

@@ -162,6 +162,12 @@ def merge_checkpoint(
         atomic_write_json(out_dir / _INDEX, index)
 
     config = dict(source.config() or {})
+    if "dtype" not in config and "torch_dtype" not in config:
+        # Without it transformers' dtype="auto" takes the first float tensor of the file, which
+        # may be an fp16 codebook: the model would load in fp16. Record the source's dtype.
+        floats = [i.dtype for i in source.tensors().values() if i.dtype.is_floating_point]
+        if floats:
+            config["dtype"] = str(max(set(floats), key=floats.count)).removeprefix("torch.")
     config["quantization_config"] = {
         "quant_method": "pgkm",
         "format_version": int(FORMAT_VERSION),

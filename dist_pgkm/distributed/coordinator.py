@@ -19,7 +19,7 @@ from typing import Any
 
 from dist_pgkm.checkpoint.manifest import LayerRecord, Manifest
 from dist_pgkm.checkpoint.merge import QuantizedLayer, merge_checkpoint
-from dist_pgkm.checkpoint.shard import write_shard
+from dist_pgkm.checkpoint.shard import file_sha256, write_shard
 from dist_pgkm.config.quantize import QuantizeConfig
 from dist_pgkm.distributed.plan import LayerJob, Plan, plan_run
 from dist_pgkm.distributed.worker import run_job
@@ -148,7 +148,7 @@ def quantize_model(
     quantize_end = time.perf_counter()
 
     files = manifest.merged
-    if files is None or not all((out / name).is_file() for name in files):
+    if files is None or not _merged_intact(out, files):
         report(total, total, "merging")
         layers = [
             QuantizedLayer(job.name, job.tensor, out / shard_path(job.name), job.tied)
@@ -169,6 +169,16 @@ def quantize_model(
         merge_seconds=end - quantize_end,
         peak_rss_bytes=_peak_rss(),
     )
+
+
+def _merged_intact(out: Path, files: dict[str, str]) -> bool:
+    """Whether every merged file is still there with the sha256 it was written with."""
+    for name, digest in files.items():
+        path = out / name
+        if not path.is_file() or file_sha256(path) != digest:
+            logger.warning("%s is missing or modified; merging again", path)
+            return False
+    return True
 
 
 def _run_and_record(

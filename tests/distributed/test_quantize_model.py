@@ -203,3 +203,21 @@ def test_bad_inputs_name_the_problem(model: Path, tmp_path: Path) -> None:
     ):
         quantize_model(model, strict, tmp_path / "out")
     assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+def test_modified_merged_file_is_merged_again(
+    reference: Path, model: Path, config: QuantizeConfig, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    data = bytearray((out / "model.safetensors").read_bytes())
+    data[-1] ^= 0xFF  # one flipped bit in the last tensor
+    (out / "model.safetensors").write_bytes(bytes(data))
+    quantize_model(model, config, out)
+    assert _checkpoint_bytes(out) == _checkpoint_bytes(reference)
+
+
+def test_config_records_the_source_dtype(reference: Path) -> None:
+    # MiniLM's own config has no dtype; without one transformers would take the first float
+    # tensor's dtype, an fp16 codebook, for the whole model.
+    assert json.loads((reference / "config.json").read_text())["dtype"] == "float32"
