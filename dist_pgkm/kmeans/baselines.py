@@ -105,7 +105,7 @@ def faiss_kmeans(inp: ClusterInput) -> KMeansResult:
         d,
         inp.k,
         niter=inp.n_iter,
-        seed=inp.seed,
+        seed=inp.seed & 0x7FFFFFFF,  # faiss takes a 32-bit seed; layer seeds have 63 bits
         max_points_per_centroid=n,
         min_points_per_centroid=1,
         verbose=False,

@@ -89,3 +89,14 @@ def test_kmeanspp_relocates_empties_without_distance_passes() -> None:
     assert s.empty_final == 0
     assert s.distance_passes == s.iterations
     assert s.sse == pytest.approx(sse_reference(x, r.centroids, r.codes), rel=1e-6)
+
+
+@pytest.mark.parametrize("method", ["pgkm", "fairseq-em", "faiss", "kmeans++"])
+def test_every_method_takes_a_63_bit_seed(method: str) -> None:
+    # Per-layer seeds are 63-bit hashes (dist_pgkm.distributed.plan.layer_seed).
+    if method == "faiss":
+        pytest.importorskip("faiss")
+    x = torch.randn(500, 4, generator=torch.Generator().manual_seed(0))
+    a = dist_pgkm.cluster(x, 8, method=method, seed=2**62 + 5, n_iter=3)
+    b = dist_pgkm.cluster(x, 8, method=method, seed=2**62 + 5, n_iter=3)
+    assert torch.equal(a.codes, b.codes)
