@@ -11,6 +11,7 @@ __all__ = [
     "BackendUnavailableError",
     "CheckpointError",
     "ConfigError",
+    "DataError",
     "DistPGKMError",
     "InvalidInputError",
     "ModelSourceError",
@@ -39,3 +40,7 @@ class ModelSourceError(DistPGKMError, FileNotFoundError):
 
 class CheckpointError(DistPGKMError, ValueError):
     """A checkpoint, shard or manifest is missing, truncated, corrupt or inconsistent."""
+
+
+class DataError(DistPGKMError, FileNotFoundError):
+    """A text corpus or data set (a file, a Debian package, a download) cannot be found or read."""
