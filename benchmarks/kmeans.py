@@ -40,6 +40,7 @@ from dist_pgkm.errors import ConfigError, ModelSourceError
 from dist_pgkm.models.offline import minilm_dir, smollm2_dir
 from dist_pgkm.pgkm.api import METHODS, cluster
 from dist_pgkm.pq.codec import to_subvectors
+from dist_pgkm.utils.memory import peak_rss_bytes
 from dist_pgkm.utils.optional import faiss_available, import_faiss
 
 # Relative: mypy checks this directory as the package `benchmarks` and cannot follow
@@ -701,22 +702,6 @@ def _target_memory(memory: Mapping[str, Any] | None, skipped: str) -> Target:
 # --- memory ------------------------------------------------------------------------------------
 
 
-def _own_peak_rss_bytes() -> int | None:
-    """High-water RSS of this process's own address space (``VmHWM``), or None off Linux.
-
-    Unlike ``ru_maxrss`` (from ``wait4`` or ``RUSAGE_SELF``), it does not carry over the RSS of
-    the parent that forked this process: measured from inside a 1.5 GB pytest process,
-    ``ru_maxrss`` read 1.58 GB for both children and hid the difference between them.
-    """
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024  # kB
-    except OSError:
-        pass
-    return None
-
-
 def memory_child(kind: str, n: int, d: int, k: int, n_iter: int, seed: int, threads: int) -> None:
     """Body of the memory child process; writes one JSON line to stdout.
 
@@ -736,7 +721,7 @@ def memory_child(kind: str, n: int, d: int, k: int, n_iter: int, seed: int, thre
         if faiss_available():
             import_faiss().omp_set_num_threads(threads)
         out.update(cluster(x, k, method="pgkm", n_iter=n_iter, seed=seed).stats.as_dict())
-    out["own_peak_rss_bytes"] = _own_peak_rss_bytes()
+    out["own_peak_rss_bytes"] = peak_rss_bytes()
     sys.stdout.write(json.dumps(out) + "\n")
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import logging
-import resource
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from dist_pgkm.distributed.plan import LayerJob, Plan, plan_run
 from dist_pgkm.distributed.worker import run_job
 from dist_pgkm.models.layers import find_layers
 from dist_pgkm.models.source import ModelSource, open_source
+from dist_pgkm.utils.memory import peak_rss_bytes
 
 __all__ = ["Progress", "RunSummary", "fingerprint", "quantize_model", "shard_path"]
 
@@ -90,10 +90,6 @@ class RunSummary:
             "merge_seconds": self.merge_seconds,
             "peak_rss_bytes": self.peak_rss_bytes,
         }
-
-
-def _peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 def quantize_model(
@@ -167,7 +163,7 @@ def quantize_model(
         seconds=end - start,
         quantize_seconds=quantize_end - start,
         merge_seconds=end - quantize_end,
-        peak_rss_bytes=_peak_rss(),
+        peak_rss_bytes=peak_rss_bytes(),
     )
 
 
