@@ -101,6 +101,7 @@ class PTQOptions:
             demo``), instead of every model, preset and method.
         models: Models to run (full mode).
         methods: Clustering methods (full mode).
+        presets: Preset file stems to run (empty: each model's presets).
         work_dir: Where checkpoints are written (default: a temp dir removed at the end).
         command: The command line, recorded in the report.
     """
@@ -108,6 +109,7 @@ class PTQOptions:
     quick: bool = False
     models: tuple[str, ...] = tuple(MODELS)
     methods: tuple[str, ...] = ALL_METHODS
+    presets: tuple[str, ...] = ()
     work_dir: Path | None = None
     command: str = "dist-pgkm bench ptq"
 
@@ -312,14 +314,30 @@ def _cases(options: PTQOptions) -> list[tuple[str, str, str]]:
         ]
     cases: list[tuple[str, str, str]] = []
     for name in options.models:
+        presets = [
+            p
+            for p in MODELS[name].presets
+            if not options.presets or Path(p).stem in options.presets
+        ]
         cases.append((name, "original", ""))
-        cases += [(name, preset, m) for preset in MODELS[name].presets for m in options.methods]
         cases += [(name, "rtn", str(bits)) for bits in RTN_BITS]
+        cases += [(name, preset, m) for preset in presets for m in options.methods]
     return cases
 
 
-def run_benchmark(options: PTQOptions, progress: ProgressHook | None = None) -> PTQReport:
-    """Run every case, then compute the targets from the rows."""
+def run_benchmark(
+    options: PTQOptions,
+    progress: ProgressHook | None = None,
+    on_row: Callable[[PTQReport], None] | None = None,
+) -> PTQReport:
+    """Run every case, then compute the targets from the rows.
+
+    Args:
+        options: What to run.
+        progress: Called before each case.
+        on_row: Called with the report so far (targets included) after each case, so that a
+            long run interrupted midway still leaves its finished rows.
+    """
     from dist_pgkm.models import offline
 
     report_progress = progress or (lambda done, total, description: None)
@@ -357,6 +375,10 @@ def run_benchmark(options: PTQOptions, progress: ProgressHook | None = None) -> 
                 row = _quantize_row(evaluate, name, preset, method, work)
             row = {"model": name, **row}
             report.rows.append(row)
+            if on_row is not None:
+                report.targets = compute_targets(report.rows)
+                report.seconds = time.perf_counter() - start
+                on_row(report)
         report_progress(len(cases), len(cases), "done")
     report.targets = compute_targets(report.rows)
     report.seconds = time.perf_counter() - start

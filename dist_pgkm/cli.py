@@ -408,17 +408,22 @@ def _run_bench_ptq(args: argparse.Namespace) -> int:
         quick=args.quick,
         models=args.models,
         methods=args.methods,
+        presets=args.presets,
         work_dir=args.work_dir,
         command=shlex.join(["dist-pgkm", *args.argv]),
     )
+
+    def save(report: Any) -> None:  # after every case: a long run stopped midway keeps its rows
+        if args.json is not None:
+            write_json(args.json, report.as_dict())
+        if args.md is not None:
+            ptq.write_markdown(args.md, report)
+            ptq.write_plots(args.md.parent / "img", report)
+
     with _progress() as update:
-        report = ptq.run_benchmark(options, progress=update)
+        report = ptq.run_benchmark(options, progress=update, on_row=save)
     ptq.render_report(_stdout_console(), report)
-    if args.json is not None:
-        write_json(args.json, report.as_dict())
-    if args.md is not None:
-        ptq.write_markdown(args.md, report)
-        ptq.write_plots(args.md.parent / "img", report)
+    save(report)
     return 0
 
 
@@ -461,6 +466,13 @@ def _register_bench_ptq(subparsers: Subparsers, parents: list[argparse.ArgumentP
         default=methods,
         metavar="LIST",
         help=f"comma-separated methods (default {','.join(methods)})",
+    )
+    p.add_argument(
+        "--presets",
+        type=_pattern_list,
+        default=(),
+        metavar="LIST",
+        help="comma-separated preset names (default: all of each model's)",
     )
     p.add_argument(
         "--work-dir", type=Path, default=None, metavar="DIR", help="where checkpoints go"
@@ -640,6 +652,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         The exit status: 0 on success, 2 on a usage or user error (``error: ...`` on stderr).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
+    # transformers draws a progress bar for every model it loads; the CLI draws its own.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     args = build_parser().parse_args(argv)
     args.argv = argv
     # Absent when -v was not given (its default is SUPPRESS, see build_parser).
