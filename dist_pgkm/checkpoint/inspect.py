@@ -16,6 +16,7 @@ from typing import Any
 from dist_pgkm.checkpoint.manifest import MANIFEST_NAME
 from dist_pgkm.checkpoint.merge import read_shard_header
 from dist_pgkm.errors import CheckpointError
+from dist_pgkm.utils.dtypes import element_bytes
 
 __all__ = ["CheckpointSummary", "LayerSummary", "describe"]
 
@@ -221,21 +222,7 @@ def describe(path: str | Path) -> CheckpointSummary:
                     piece = f.get_slice(key)
                     numel = math.prod(piece.get_shape())
                     dtype = piece.get_dtype()
-                    summary.float_bytes += numel * _ELEMENT_BYTES[dtype]
+                    summary.float_bytes += numel * element_bytes(dtype)
                     if dtype.startswith(("F", "BF")):  # integer buffers are not parameters
                         summary.float_params += numel
     return summary
-
-
-_ELEMENT_BYTES = {
-    "F64": 8,
-    "F32": 4,
-    "F16": 2,
-    "BF16": 2,
-    "I64": 8,
-    "I32": 4,
-    "I16": 2,
-    "I8": 1,
-    "U8": 1,
-    "BOOL": 1,
-}

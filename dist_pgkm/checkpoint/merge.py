@@ -22,6 +22,7 @@ from dist_pgkm.checkpoint.shard import FORMAT_VERSION
 from dist_pgkm.checkpoint.writer import Entry, plan_files, write_safetensors
 from dist_pgkm.errors import CheckpointError
 from dist_pgkm.models.source import ModelSource
+from dist_pgkm.utils.dtypes import SAFETENSORS_DTYPES
 
 __all__ = ["CHECKPOINT_METADATA", "QuantizedLayer", "merge_checkpoint", "read_shard_header"]
 
@@ -55,24 +56,10 @@ def read_shard_header(
             info = {}
             for key in f.keys():  # noqa: SIM118 (not a dict)
                 piece = f.get_slice(key)
-                info[key] = (_DTYPE_OF[piece.get_dtype()], tuple(piece.get_shape()))
+                info[key] = (SAFETENSORS_DTYPES[piece.get_dtype()], tuple(piece.get_shape()))
     except (SafetensorError, OSError, ValueError, KeyError) as exc:
         raise CheckpointError(f"{path}: unreadable shard ({exc}). Run again to redo it.") from exc
     return meta, info
-
-
-_DTYPE_OF = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
 
 
 def _shard_reader(path: Path, key: str) -> Callable[[], torch.Tensor]:

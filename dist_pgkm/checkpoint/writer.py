@@ -20,21 +20,9 @@ from pathlib import Path
 import torch
 
 from dist_pgkm.checkpoint.atomic import atomic_open
+from dist_pgkm.utils.dtypes import SAFETENSORS_NAMES
 
 __all__ = ["Entry", "plan_files", "write_safetensors"]
-
-_DTYPES = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
 
 
 @dataclass(frozen=True)
@@ -80,7 +68,7 @@ def write_safetensors(path: Path, entries: Sequence[Entry], metadata: dict[str, 
     offset = 0
     for entry in entries:
         header[entry.key] = {
-            "dtype": _DTYPES[entry.dtype],
+            "dtype": SAFETENSORS_NAMES[entry.dtype],
             "shape": list(entry.shape),
             "data_offsets": [offset, offset + entry.nbytes],
         }

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from dist_pgkm.errors import ModelSourceError
+from dist_pgkm.utils.dtypes import SAFETENSORS_DTYPES
 
 __all__ = ["ModelSource", "TensorInfo", "open_source"]
 
@@ -66,30 +67,6 @@ _AUX_PATTERNS = (
     "NOTICE*",
 )
 _WEIGHT_SUFFIXES = (".safetensors", ".gguf", *_PICKLE_SUFFIXES)
-
-# safetensors dtype names -> torch dtypes; the unsigned wide types need torch >= 2.3.
-_DTYPES: dict[str, torch.dtype] = {
-    name: dtype
-    for name, dtype in {
-        "F64": torch.float64,
-        "F32": torch.float32,
-        "F16": torch.float16,
-        "BF16": torch.bfloat16,
-        "I64": torch.int64,
-        "I32": torch.int32,
-        "I16": torch.int16,
-        "I8": torch.int8,
-        "U8": torch.uint8,
-        "BOOL": torch.bool,
-        "U16": getattr(torch, "uint16", None),
-        "U32": getattr(torch, "uint32", None),
-        "U64": getattr(torch, "uint64", None),
-        "F8_E4M3": getattr(torch, "float8_e4m3fn", None),
-        "F8_E5M2": getattr(torch, "float8_e5m2", None),
-        "C64": torch.complex64,
-    }.items()
-    if dtype is not None
-}
 
 
 @dataclass(frozen=True)
@@ -512,11 +489,12 @@ def _parse_entry(file: Path, name: str, entry: Any) -> tuple[TensorInfo, int, in
         and all(isinstance(n, int) for n in offsets)
     ):
         raise _corrupt(file, f"the header entry of {name!r} has no valid shape and offsets")
-    dtype = _DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None
+    dtype = SAFETENSORS_DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None
     if dtype is None:
         raise ModelSourceError(
             f"Tensor {name!r} in {file} has dtype {dtype_name!r}, which dist-pgkm cannot read "
-            f"(known: {', '.join(_DTYPES)}). Convert the checkpoint to one of those dtypes."
+            f"(known: {', '.join(SAFETENSORS_DTYPES)}). Convert the checkpoint to one of those "
+            "dtypes."
         )
     begin, end = offsets
     if end - begin != math.prod(shape) * dtype.itemsize:
