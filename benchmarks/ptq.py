@@ -163,8 +163,9 @@ def rtn_dequantize(weight: torch.Tensor, bits: int, group: int = RTN_GROUP) -> t
     low = groups.amin(dim=1, keepdim=True).half().float()
     high = groups.amax(dim=1, keepdim=True)
     levels = 2**bits - 1
-    scale = ((high - low) / levels).clamp_min(1e-12).half().float()
-    q = ((groups - low) / scale).round().clamp(0, levels)
+    scale = ((high - low) / levels).half().float()
+    # A constant group has scale 0 (also after fp16 rounding): every code is then 0.
+    q = ((groups - low) / torch.where(scale > 0, scale, 1.0)).round().clamp(0, levels)
     out: torch.Tensor = (q * scale + low).reshape(weight.shape)
     return out
 
