@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from benchmarks.ptq import PPL_NOISE, compute_targets, rtn_dequantize
+from dist_pgkm.bench.ptq import (  # type: ignore[import-not-found, unused-ignore]
+    PPL_NOISE,
+    compute_targets,
+    rtn_dequantize,
+)
 
 
 def test_rtn_matches_its_definition_and_its_bits() -> None:
