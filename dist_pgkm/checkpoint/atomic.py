@@ -13,7 +13,13 @@ from typing import IO, Any
 
 from dist_pgkm.errors import CheckpointError
 
-__all__ = ["atomic_open", "atomic_write_json", "fsync_dir"]
+__all__ = [
+    "atomic_open",
+    "atomic_write_json",
+    "exclusive_run",
+    "fsync_dir",
+    "remove_stale_temp_files",
+]
 
 
 def fsync_dir(path: Path) -> None:
@@ -68,3 +74,44 @@ def atomic_write_json(path: Path, data: Any) -> None:
     text = json.dumps(data, indent=2, sort_keys=True) + "\n"
     with atomic_open(path) as f:
         f.write(text.encode("utf-8"))
+
+
+LOCK_NAME = ".lock"
+
+
+@contextlib.contextmanager
+def exclusive_run(directory: Path) -> Iterator[None]:
+    """Hold ``directory/.lock`` (``flock``) for a run: one writer per output directory.
+
+    The lock dies with its process, so a killed run never leaves the directory locked.
+
+    Raises:
+        CheckpointError: Another process is running in ``directory``.
+    """
+    import fcntl  # POSIX only
+
+    directory.mkdir(parents=True, exist_ok=True)
+    with (directory / LOCK_NAME).open("a+b") as fh:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            raise CheckpointError(
+                f"{directory} is in use by another dist-pgkm process (it holds {LOCK_NAME}). "
+                "Wait for it to finish, or stop it and run again to resume."
+            ) from exc
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def remove_stale_temp_files(directory: Path) -> int:
+    """Delete the ``.<name>.*.tmp`` files a killed writer left (call with the run lock held).
+
+    Returns:
+        How many were removed.
+    """
+    stale = [p for p in directory.rglob(".*.tmp") if p.is_file()]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return len(stale)

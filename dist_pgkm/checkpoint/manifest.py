@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from dist_pgkm.checkpoint.atomic import atomic_write_json
+from dist_pgkm.checkpoint.atomic import LOCK_NAME, atomic_write_json
 from dist_pgkm.checkpoint.shard import file_sha256
 from dist_pgkm.errors import CheckpointError
 
@@ -61,6 +61,11 @@ def fingerprint_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     if not problems and old != new:
         problems.append("the model's layers differ")
     return problems
+
+
+def _is_temp(name: str) -> bool:
+    """A temp file of :func:`~dist_pgkm.checkpoint.atomic.atomic_open` (``.<name>.*.tmp``)."""
+    return name.startswith(".") and name.endswith(".tmp")
 
 
 class Manifest:
@@ -120,8 +125,10 @@ class Manifest:
                 )
             logger.info("Resuming the run in %s", out_dir)
             return cls(out_dir, data)
-        if out_dir.is_dir() and any(p.name != ".lock" for p in out_dir.iterdir()):
-            found = ", ".join(sorted(p.name for p in out_dir.iterdir())[:5])
+        ours = [p for p in out_dir.iterdir()] if out_dir.is_dir() else []
+        foreign = [p.name for p in ours if p.name != LOCK_NAME and not _is_temp(p.name)]
+        if foreign:
+            found = ", ".join(sorted(foreign)[:5])
             raise CheckpointError(
                 f"{out_dir} is not empty ({found}) and holds no {MANIFEST_NAME}, so it is not a "
                 "dist-pgkm run. Choose a new or empty --out directory."

@@ -16,12 +16,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dist_pgkm.checkpoint.atomic import exclusive_run, remove_stale_temp_files
 from dist_pgkm.checkpoint.manifest import LayerRecord, Manifest
 from dist_pgkm.checkpoint.merge import QuantizedLayer, merge_checkpoint
 from dist_pgkm.checkpoint.shard import file_sha256, write_shard
 from dist_pgkm.config.quantize import QuantizeConfig
 from dist_pgkm.distributed.plan import LayerJob, Plan, plan_run
 from dist_pgkm.distributed.worker import run_job
+from dist_pgkm.errors import CheckpointError
 from dist_pgkm.models.layers import find_layers
 from dist_pgkm.models.source import ModelSource, open_source
 from dist_pgkm.utils.memory import peak_rss_bytes
@@ -124,7 +126,25 @@ def quantize_model(
     out = Path(out_dir)
     source = open_source(model)
     plan = plan_run(find_layers(source), config)
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"{out} is a file; --out must be a directory.")
+    with exclusive_run(out):
+        return _run(source, plan, config, out, resume, max_shard_bytes, progress, start)
+
+
+def _run(
+    source: ModelSource,
+    plan: Plan,
+    config: QuantizeConfig,
+    out: Path,
+    resume: bool,
+    max_shard_bytes: int,
+    progress: Progress | None,
+    start: float,
+) -> RunSummary:
     manifest = Manifest.open(out, fingerprint(source, config, plan), resume=resume)
+    if removed := remove_stale_temp_files(out):
+        logger.info("Removed %d temp files left by an interrupted run", removed)
     redone = manifest.verify()
     done = manifest.layers
     todo = [job for job in plan.jobs if job.name not in done]

@@ -221,3 +221,23 @@ def test_config_records_the_source_dtype(reference: Path) -> None:
     # MiniLM's own config has no dtype; without one transformers would take the first float
     # tensor's dtype, an fp16 codebook, for the whole model.
     assert json.loads((reference / "config.json").read_text())["dtype"] == "float32"
+
+
+def test_one_writer_per_directory_and_debris_is_cleaned(
+    reference: Path, model: Path, config: QuantizeConfig, tmp_path: Path
+) -> None:
+    import fcntl
+
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    (out / "model.safetensors").unlink()  # killed during the merge...
+    debris = [out / ".model.safetensors.abc123.tmp", out / "shards" / ".x.safetensors.q.tmp"]
+    for path in debris:
+        path.write_bytes(b"half a file")  # ...and before that, during a shard write
+    with (out / ".lock").open("a+b") as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)  # another process runs there
+        with pytest.raises(CheckpointError, match="in use by another dist-pgkm process"):
+            quantize_model(model, config, out)
+    quantize_model(model, config, out)
+    assert not [p for p in debris if p.exists()]
+    assert _checkpoint_bytes(out) == _checkpoint_bytes(reference)
