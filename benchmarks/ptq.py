@@ -541,8 +541,9 @@ def markdown_section(report: PTQReport) -> str:
 
 
 def write_markdown(path: Path, report: PTQReport) -> None:
-    """Rewrite the ``ptq`` section of the markdown file ``path``."""
-    replace_marker_section(path, "ptq", markdown_section(report), intro=MARKDOWN_INTRO)
+    """Rewrite this mode's section (``ptq`` or ``ptq-quick``) of the markdown file ``path``."""
+    name = "ptq" if report.mode == "full" else "ptq-quick"
+    replace_marker_section(path, name, markdown_section(report), intro=MARKDOWN_INTRO)
 
 
 def write_plots(img_dir: Path, report: PTQReport) -> list[Path]:
