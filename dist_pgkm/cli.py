@@ -278,6 +278,9 @@ def _run_quantize(args: argparse.Namespace) -> int:
             resume=args.resume,
             max_shard_bytes=args.max_shard_size,
             progress=update,
+            workers=args.workers,
+            address=args.address,
+            gpus_per_worker=args.gpus_per_worker,
         )
     info = describe(args.out)
     console = _stdout_console()
@@ -340,6 +343,27 @@ def _register_quantize(subparsers: Subparsers, parents: list[argparse.ArgumentPa
         default=5 * 10**9,
         metavar="SIZE",
         help="split the checkpoint into files of at most SIZE (default 5GB)",
+    )
+    p.add_argument(
+        "--workers",
+        type=_non_negative_int,
+        default=0,
+        metavar="N",
+        help="Ray workers: N on an embedded Ray on this machine (or on --address); "
+        "0 (default) runs in this process, or one per slot of the --address cluster",
+    )
+    p.add_argument(
+        "--address",
+        default=None,
+        metavar="HOST:PORT",
+        help="join the Ray cluster whose head is at HOST:PORT (see docs/distributed.md)",
+    )
+    p.add_argument(
+        "--gpus-per-worker",
+        type=float,
+        default=0.0,
+        metavar="F",
+        help="GPUs each Ray worker reserves (default 0: CPU workers)",
     )
     p.add_argument("--json", type=Path, metavar="PATH", help="write the run summary as JSON")
     p.set_defaults(handler=_run_quantize)

@@ -13,6 +13,7 @@ __all__ = [
     "ConfigError",
     "DataError",
     "DistPGKMError",
+    "DistributedError",
     "InvalidInputError",
     "ModelSourceError",
 ]
@@ -44,3 +45,7 @@ class CheckpointError(DistPGKMError, ValueError):
 
 class DataError(DistPGKMError, FileNotFoundError):
     """A text corpus or data set (a file, a Debian package, a download) cannot be found or read."""
+
+
+class DistributedError(DistPGKMError, RuntimeError):
+    """A distributed run cannot start or finish (no cluster, no resources, a fatal layer)."""

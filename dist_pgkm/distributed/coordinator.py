@@ -14,7 +14,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 from dist_pgkm.checkpoint.atomic import exclusive_run, remove_stale_temp_files
 from dist_pgkm.checkpoint.manifest import LayerRecord, Manifest
@@ -22,11 +23,14 @@ from dist_pgkm.checkpoint.merge import QuantizedLayer, merge_checkpoint
 from dist_pgkm.checkpoint.shard import file_sha256, write_shard
 from dist_pgkm.config.quantize import QuantizeConfig
 from dist_pgkm.distributed.plan import LayerJob, Plan, plan_run
-from dist_pgkm.distributed.worker import run_job
-from dist_pgkm.errors import CheckpointError
+from dist_pgkm.distributed.worker import JobResult, run_job
+from dist_pgkm.errors import CheckpointError, DistributedError, InvalidInputError
 from dist_pgkm.models.layers import find_layers
 from dist_pgkm.models.source import ModelSource, open_source
 from dist_pgkm.utils.memory import peak_rss_bytes
+
+if TYPE_CHECKING:
+    from dist_pgkm.distributed.ray_executor import RayOptions
 
 __all__ = ["Progress", "RunSummary", "fingerprint", "quantize_model", "shard_path"]
 
@@ -102,6 +106,9 @@ def quantize_model(
     resume: bool = False,
     max_shard_bytes: int = 5 * 10**9,
     progress: Progress | None = None,
+    workers: int = 0,
+    address: str | None = None,
+    gpus_per_worker: float = 0.0,
 ) -> RunSummary:
     """Quantize the selected layers of ``model`` into one checkpoint in ``out_dir``.
 
@@ -112,6 +119,11 @@ def quantize_model(
         resume: Require an existing run in ``out_dir`` (``--resume``).
         max_shard_bytes: Split the merged checkpoint into files of at most this many bytes.
         progress: Called after each layer with ``(done, total, description)``.
+        workers: Ray workers (actors). 0 without ``address``: run the jobs in this process,
+            one after the other; N: an embedded Ray on this machine with N workers, or N
+            workers on the cluster at ``address`` (0 there: one per CPU or GPU slot).
+        address: ``HOST:PORT`` of a Ray cluster to join instead of running on this machine.
+        gpus_per_worker: GPUs each Ray worker reserves (0: CPU workers).
 
     Returns:
         What was done, with timings and peak memory.
@@ -121,18 +133,75 @@ def quantize_model(
         ConfigError: The config selects nothing, or an unsupported layer with
             ``on_unsupported: error``.
         CheckpointError: ``out_dir`` holds another run or is not a run directory.
+        DistributedError: Ray is not installed, the cluster cannot be reached, no worker can
+            be placed, or a layer's worker died on every attempt.
     """
     start = time.perf_counter()
+    if workers < 0 or gpus_per_worker < 0:
+        raise InvalidInputError(
+            f"workers={workers}, gpus_per_worker={gpus_per_worker}: both must be >= 0."
+        )
+    executor = _Executor(workers, address, gpus_per_worker)
+    if executor.in_process and gpus_per_worker > 0:
+        raise InvalidInputError(
+            f"gpus_per_worker={gpus_per_worker} without Ray workers: GPUs are given to Ray "
+            "workers only. Add --workers N (or --address HOST:PORT)."
+        )
+    if not executor.in_process:
+        _ray_executor().preflight(executor.options())
     out = Path(out_dir)
     source = open_source(model)
     plan = plan_run(find_layers(source), config)
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"{out} is a file; --out must be a directory.")
     with exclusive_run(out):
-        return _run(source, plan, config, out, resume, max_shard_bytes, progress, start)
+        return _run(
+            Path(model),
+            source,
+            plan,
+            config,
+            out,
+            resume,
+            max_shard_bytes,
+            progress,
+            start,
+            executor,
+        )
+
+
+@dataclass(frozen=True)
+class _Executor:
+    """Where the jobs run: in this process (``workers == 0`` and no address) or on Ray."""
+
+    workers: int
+    address: str | None
+    gpus_per_worker: float
+
+    @property
+    def in_process(self) -> bool:
+        return self.workers == 0 and self.address is None
+
+    def options(self) -> RayOptions:
+        options: RayOptions = _ray_executor().RayOptions(
+            workers=self.workers, address=self.address, gpus_per_worker=self.gpus_per_worker
+        )
+        return options
+
+
+def _ray_executor() -> ModuleType:
+    """The Ray executor module, imported on first use (it imports ray)."""
+    try:
+        from dist_pgkm.distributed import ray_executor
+    except ImportError as err:
+        raise DistributedError(
+            f"Running on Ray needs the ray package ({err}). Install it with "
+            "`pip install 'dist-pgkm[ray]'`, or pass --workers 0 to run in this process."
+        ) from err
+    return ray_executor
 
 
 def _run(
+    model: Path,
     source: ModelSource,
     plan: Plan,
     config: QuantizeConfig,
@@ -141,6 +210,7 @@ def _run(
     max_shard_bytes: int,
     progress: Progress | None,
     start: float,
+    executor: _Executor,
 ) -> RunSummary:
     manifest = Manifest.open(out, fingerprint(source, config, plan), resume=resume)
     if removed := remove_stale_temp_files(out):
@@ -158,9 +228,22 @@ def _run(
     )
     report = progress or (lambda done, total, description: None)
     report(total - len(todo), total, "quantizing")
-    for i, job in enumerate(todo, start=total - len(todo) + 1):
-        _run_and_record(job, source, config, manifest)
-        report(i, total, job.name)
+    n_done = total - len(todo)
+
+    def record(job: LayerJob, result: JobResult) -> None:
+        nonlocal n_done
+        _record(job, result, manifest)
+        n_done += 1
+        report(n_done, total, job.name)
+
+    if executor.in_process:
+        for job in todo:
+            weight = source.read(job.tensor)
+            result = run_job(job, weight, config)
+            del weight
+            record(job, result)
+    else:
+        _run_on_ray(todo, model, config, executor, record)
     quantize_end = time.perf_counter()
 
     files = manifest.merged
@@ -197,12 +280,20 @@ def _merged_intact(out: Path, files: dict[str, str]) -> bool:
     return True
 
 
-def _run_and_record(
-    job: LayerJob, source: ModelSource, config: QuantizeConfig, manifest: Manifest
+def _run_on_ray(
+    jobs: list[LayerJob],
+    model: Path,
+    config: QuantizeConfig,
+    executor: _Executor,
+    record: Callable[[LayerJob, JobResult], None],
 ) -> None:
-    weight = source.read(job.tensor)
-    result = run_job(job, weight, config)
-    del weight
+    # Absolute, not resolved (see open_source): workers may run in another directory.
+    path = str(model.expanduser().absolute())
+    _ray_executor().run_on_ray(jobs, path, config, executor.options(), record)
+
+
+def _record(job: LayerJob, result: JobResult, manifest: Manifest) -> None:
+    """Write a finished job's shard and mark it done: only the coordinator writes."""
     rel = shard_path(job.name)
     digest = write_shard(manifest.out_dir / rel, result.tensors, result.meta)
     manifest.record(job.name, LayerRecord(rel, digest, round(result.seconds, 3)))

@@ -1,0 +1,493 @@
+"""Running a plan's jobs on Ray actors: embedded on this machine, or on a cluster.
+
+Each actor is a thin shell around :func:`dist_pgkm.distributed.worker.run_job`: it opens the
+model by path once, reads one layer's weight per job, and returns the :class:`JobResult`
+through the object store. The driver (this module, inside the coordinator) owns every piece
+of state: the queue, the attempts per job, the actors; it hands each result to a callback,
+which alone writes the output.
+
+Faults: an actor that dies (its process, or its whole node) loses its one job in flight; the
+job goes back to the queue and a replacement actor is started. Each loss counts against the
+job, so a layer that kills every worker it runs on (out of memory) fails the run with its name
+after ``max_attempts`` tries instead of being replayed forever. Ray is imported only here, and
+this module only when a run asks for Ray.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import socket
+import tempfile
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+import ray.exceptions
+
+from dist_pgkm.config.quantize import QuantizeConfig
+from dist_pgkm.distributed.plan import LayerJob
+from dist_pgkm.distributed.worker import JobResult, run_job
+from dist_pgkm.errors import DistributedError
+from dist_pgkm.models.source import ModelSource, open_source
+
+__all__ = ["RayOptions", "WorkerInfo", "preflight", "run_on_ray"]
+
+logger = logging.getLogger(__name__)
+
+# Settings every Ray process started for a run gets unless the caller's environment says
+# otherwise: no token auth (on by default once ~/.ray/auth_token exists), no usage reporting.
+_RAY_ENV_DEFAULTS = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    """Where and how wide a Ray run is.
+
+    Attributes:
+        workers: Number of actors. 0 with an ``address``: one per CPU slot of the cluster (or
+            per GPU slot with ``gpus_per_worker``); 0 without an address is the in-process
+            path, which never reaches this module.
+        address: ``HOST:PORT`` of a running cluster's head (GCS), or None for an embedded Ray
+            on this machine with ``workers`` CPUs.
+        gpus_per_worker: GPUs each actor reserves (0: CPU actors, one CPU each).
+        max_attempts: Tries per job before a job whose worker dies every time fails the run.
+        connect_timeout: Seconds to reach ``address`` before giving up.
+        placement_timeout: Seconds without any live actor (none placed yet, or all lost and
+            no replacement placed) before the run fails: the cluster lacks the resources.
+    """
+
+    workers: int = 0
+    address: str | None = None
+    gpus_per_worker: float = 0.0
+    max_attempts: int = 3
+    connect_timeout: float = 10.0
+    placement_timeout: float = 60.0
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """One live actor: its slot number, process id and node address."""
+
+    index: int
+    pid: int
+    node_ip: str
+
+
+OnResult = Callable[[LayerJob, JobResult], None]
+"""Called in the driver, once per job, as its result arrives (any order)."""
+OnDispatch = Callable[[LayerJob, WorkerInfo], None]
+"""Called in the driver when a job is handed to a worker (progress, tests)."""
+
+
+class _LayerWorker:
+    """The actor: opens the model once, runs one job at a time."""
+
+    def __init__(self, model: str, config: QuantizeConfig) -> None:
+        self._model = model
+        self._config = config
+        self._source: ModelSource | None = None
+
+    def ready(self) -> tuple[int, str]:
+        """Process id and node address, once the actor is placed and started."""
+        return os.getpid(), ray.util.get_node_ip_address()  # type: ignore[no-untyped-call]
+
+    def run(self, job: LayerJob) -> JobResult:
+        if self._source is None:
+            self._source = open_source(self._model)
+        weight = self._source.read(job.tensor)
+        return run_job(job, weight, self._config)
+
+
+@dataclass
+class _Slot:
+    """An actor as the driver sees it: starting, idle, or running one job."""
+
+    index: int
+    actor: Any
+    ready_ref: Any
+    started: float
+    info: WorkerInfo | None = None
+    job: LayerJob | None = None
+
+
+@dataclass
+class _State:
+    queue: deque[LayerJob]
+    attempts: dict[str, int] = field(default_factory=dict)
+    slots: dict[int, _Slot] = field(default_factory=dict)
+    pending: dict[Any, int] = field(default_factory=dict)  # ObjectRef -> slot index
+    next_index: int = 0
+    start_failures: int = 0
+    no_worker_since: float | None = None
+
+
+def run_on_ray(
+    jobs: Sequence[LayerJob],
+    model: str,
+    config: QuantizeConfig,
+    options: RayOptions,
+    on_result: OnResult,
+    on_dispatch: OnDispatch | None = None,
+) -> None:
+    """Run ``jobs`` on Ray actors, longest first, and hand each result to ``on_result``.
+
+    Args:
+        jobs: The jobs left to do, in the order to start them (the plan's: longest first).
+        model: Path of the model as every worker can read it (a shared file system on a
+            cluster).
+        config: The run's configuration.
+        options: Embedded or cluster, number of workers, GPUs, retries and timeouts.
+        on_result: Called in this process with each finished job, as it arrives.
+        on_dispatch: Called when a job is handed to a worker.
+
+    Raises:
+        DistributedError: The cluster cannot be reached or joined; no worker can be placed
+            within ``placement_timeout`` (e.g. no GPU); or a job's worker died
+            ``max_attempts`` times.
+        DistPGKMError: A job raised one of dist-pgkm's errors (re-raised as is).
+    """
+    if not jobs:
+        return
+    with _ray_session(options) as n_workers:
+        _schedule(jobs, model, config, options, n_workers, on_result, on_dispatch)
+
+
+def preflight(options: RayOptions) -> None:
+    """Check what can be checked before a run touches its output directory.
+
+    Raises:
+        DistributedError: ``address`` is not ``HOST:PORT`` or nothing listens there, or an
+            embedded Ray is asked for no worker.
+    """
+    if options.address is not None:
+        _check_reachable(options.address, options.connect_timeout)
+    elif options.workers < 1:
+        raise DistributedError(
+            f"workers={options.workers}: an embedded Ray needs at least 1 worker "
+            "(0 runs in this process without Ray)."
+        )
+
+
+# --- connecting --------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _ray_env() -> Iterator[None]:
+    added = [key for key in _RAY_ENV_DEFAULTS if key not in os.environ]
+    for key in added:
+        os.environ[key] = _RAY_ENV_DEFAULTS[key]
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
+
+
+def _check_reachable(address: str, timeout: float) -> None:
+    """Fail fast on an address nothing listens on: ``ray.init`` would retry for minutes."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise DistributedError(
+            f"--address {address!r} is not HOST:PORT. Pass the head node's GCS address as "
+            "printed by `ray start --head` (e.g. 10.0.0.1:6379)."
+        )
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            pass
+    except OSError as err:
+        raise DistributedError(
+            f"Cannot reach a Ray cluster at {address} ({err}). Start one with "
+            f"`ray start --head --port={port}` on {host}, check the host and port (the head "
+            "prints its address), or drop --address to run on this machine."
+        ) from err
+
+
+def _node_ip_for(address: str) -> str | None:
+    """This machine's address on the route to the head, so Ray binds where the head is."""
+    host = address.rpartition(":")[0]
+    # The head runs on this machine (e.g. on a loopback address): the driver is on its node.
+    with contextlib.suppress(OSError), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind((host, 0))
+        return host
+    with contextlib.suppress(OSError), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect((host, 1))
+        ip: str = s.getsockname()[0]
+        return ip
+    return None
+
+
+@contextlib.contextmanager
+def _ray_session(options: RayOptions) -> Iterator[int]:
+    """Start an embedded Ray or join a cluster; yield the number of workers to run."""
+    if ray.is_initialized():
+        raise DistributedError(
+            "Ray is already initialized in this process; dist-pgkm starts and stops its own "
+            "connection. Call ray.shutdown() first."
+        )
+    temp_dir: str | None = None
+    # log_to_driver=False: workers' output stays in Ray's log files instead of being printed
+    # here; configure_logging=False: Ray's records reach the handlers the CLI installs.
+    with _ray_env():
+        try:
+            preflight(options)
+            if options.address is None:
+                temp_dir = tempfile.mkdtemp(prefix="dpgkm-ray-")
+                ray.init(
+                    address="local",
+                    num_cpus=options.workers,
+                    num_gpus=_local_gpus(options),
+                    include_dashboard=False,
+                    log_to_driver=False,
+                    configure_logging=False,
+                    _temp_dir=temp_dir,
+                )
+            else:
+                try:
+                    ray.init(
+                        address=options.address,
+                        include_dashboard=False,
+                        log_to_driver=False,
+                        configure_logging=False,
+                        _node_ip_address=_node_ip_for(options.address),
+                    )
+                except (ConnectionError, RuntimeError) as err:
+                    # Version mismatches and failed handshakes surface as these.
+                    raise DistributedError(
+                        f"Cannot join the Ray cluster at {options.address}: {err}. The driver "
+                        "and the cluster must run the same Ray and Python versions; check "
+                        "`ray --version` on the head."
+                    ) from err
+            yield _n_workers(options)
+        finally:
+            if ray.is_initialized():
+                ray.shutdown()
+            if temp_dir is not None:
+                shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _resources() -> dict[str, float]:
+    resources: dict[str, float] = ray.cluster_resources()  # type: ignore[no-untyped-call]
+    return resources
+
+
+def _free_resources() -> dict[str, float]:
+    resources: dict[str, float] = ray.available_resources()  # type: ignore[no-untyped-call]
+    return resources
+
+
+def _local_gpus(options: RayOptions) -> int | None:
+    if options.gpus_per_worker <= 0:
+        return 0
+    return None  # let Ray detect this machine's GPUs: never pretend to have some
+
+
+def _n_workers(options: RayOptions) -> int:
+    if options.address is None and options.gpus_per_worker > 0:
+        # Nothing will ever join an embedded Ray: too few GPUs now is too few for good.
+        gpus = _resources().get("GPU", 0.0)
+        if gpus < options.gpus_per_worker:
+            raise DistributedError(
+                f"--gpus-per-worker {options.gpus_per_worker}: this machine has {gpus:g} GPUs "
+                "Ray can use. Pass --gpus-per-worker 0 to run on CPUs, or --address to join a "
+                "cluster with GPUs."
+            )
+    if options.workers > 0:
+        return options.workers
+    resources = _resources()
+    if options.gpus_per_worker > 0:
+        n = int(resources.get("GPU", 0.0) // options.gpus_per_worker)
+    else:
+        n = int(resources.get("CPU", 0.0))
+    if n < 1:
+        raise DistributedError(
+            f"The cluster at {options.address} offers no slot for a worker (resources: "
+            f"{resources}). Add nodes, or pass --workers N to wait for them."
+        )
+    logger.info("One worker per slot of the cluster: %d workers", n)
+    return n
+
+
+# --- scheduling --------------------------------------------------------------------------------
+
+
+def _start_actor(state: _State, model: str, config: QuantizeConfig, options: RayOptions) -> None:
+    index = state.next_index
+    state.next_index += 1
+    actor_class: Any = ray.remote(_LayerWorker).options(
+        num_cpus=0 if options.gpus_per_worker > 0 else 1,
+        num_gpus=options.gpus_per_worker,
+        max_restarts=0,  # the driver replaces lost actors itself, counting the jobs they held
+        max_task_retries=0,
+    )
+    actor = actor_class.remote(model, config)
+    ready_ref = actor.ready.remote()
+    state.slots[index] = _Slot(index, actor, ready_ref, time.monotonic())
+    state.pending[ready_ref] = index
+
+
+def _schedule(
+    jobs: Sequence[LayerJob],
+    model: str,
+    config: QuantizeConfig,
+    options: RayOptions,
+    n_workers: int,
+    on_result: OnResult,
+    on_dispatch: OnDispatch | None,
+) -> None:
+    state = _State(queue=deque(jobs))
+    remaining = len(jobs)
+    logger.info("Running %d jobs on %d Ray workers", remaining, n_workers)
+    try:
+        for _ in range(min(n_workers, remaining)):
+            _start_actor(state, model, config, options)
+        while remaining:
+            _dispatch(state, on_dispatch)
+            _check_placement(state, options)
+            # One job in flight per actor bounds the work in flight to the number of actors.
+            assert state.pending, "jobs left but nothing starting or running"
+            ready, _ = ray.wait(list(state.pending), num_returns=1, timeout=1.0)
+            for ref in ready:
+                index = state.pending.pop(ref)
+                slot = state.slots[index]
+                if ref == slot.ready_ref:
+                    _on_ready(state, slot, ref, model, config, options)
+                    continue
+                job = slot.job
+                assert job is not None
+                result = _fetch_result(state, slot, job, ref, model, config, options)
+                if result is not None:
+                    slot.job = None
+                    remaining -= 1
+                    on_result(job, result)
+    finally:
+        for slot in state.slots.values():
+            ray.kill(slot.actor)
+
+
+def _dispatch(state: _State, on_dispatch: OnDispatch | None) -> None:
+    for slot in state.slots.values():
+        if not state.queue:
+            return
+        if slot.info is None or slot.job is not None:
+            continue
+        job = state.queue.popleft()
+        slot.job = job
+        state.pending[slot.actor.run.remote(job)] = slot.index
+        logger.debug("%s -> worker %d (%s)", job.name, slot.index, slot.info.node_ip)
+        if on_dispatch is not None:
+            on_dispatch(job, slot.info)
+
+
+def _on_ready(
+    state: _State,
+    slot: _Slot,
+    ref: Any,
+    model: str,
+    config: QuantizeConfig,
+    options: RayOptions,
+) -> None:
+    try:
+        pid, node_ip = ray.get(ref)  # ready: ray.wait returned it, so this does not block
+    except ray.exceptions.RayError as err:
+        # Bounded like jobs: a worker that cannot even start (dist-pgkm not importable on a
+        # node, a broken environment) would otherwise be replaced forever.
+        state.start_failures += 1
+        if state.start_failures >= options.max_attempts * max(1, len(state.slots)):
+            raise DistributedError(
+                f"Ray workers failed to start {state.start_failures} times (last: {err}). "
+                "Every node must have the same Python environment as the driver, with "
+                "dist-pgkm installed."
+            ) from err
+        logger.warning("Worker %d failed to start (%s); starting another", slot.index, err)
+        _replace(state, slot, model, config, options)
+        return
+    slot.info = WorkerInfo(slot.index, pid, node_ip)
+    logger.info("Worker %d ready: pid %d on %s", slot.index, pid, node_ip)
+
+
+def _fetch_result(
+    state: _State,
+    slot: _Slot,
+    job: LayerJob,
+    ref: Any,
+    model: str,
+    config: QuantizeConfig,
+    options: RayOptions,
+) -> JobResult | None:
+    """The job's result, or None after re-queueing it (its worker or its result was lost)."""
+    try:
+        result: JobResult = ray.get(ref)  # ready: ray.wait returned it
+        return result
+    except ray.exceptions.RayTaskError as err:
+        # The job itself raised: a deterministic error that a retry would only repeat.
+        cause = err.cause if isinstance(err.cause, BaseException) else err
+        raise cause from None
+    except (
+        ray.exceptions.RayActorError,
+        ray.exceptions.WorkerCrashedError,
+        ray.exceptions.OutOfMemoryError,
+    ) as err:
+        attempts = state.attempts.get(job.name, 0) + 1
+        state.attempts[job.name] = attempts
+        where = slot.info.node_ip if slot.info is not None else "?"
+        if attempts >= options.max_attempts:
+            raise DistributedError(
+                f"Layer {job.name} {job.shape} lost its worker {attempts} times (last on "
+                f"{where}: {type(err).__name__}); not retrying it again. A job that kills its "
+                "worker usually runs out of memory: give workers more memory (fewer workers "
+                "per node), or skip the layer with a `skip: true` rule."
+            ) from err
+        logger.warning(
+            "Worker %d on %s died running %s (attempt %d of %d); re-queueing it",
+            slot.index,
+            where,
+            job.name,
+            attempts,
+            options.max_attempts,
+        )
+        state.queue.appendleft(job)
+        _replace(state, slot, model, config, options)
+        return None
+    except ray.exceptions.ObjectLostError as err:
+        # The job finished but its node died before the result was fetched: not its fault.
+        logger.warning("Result of %s was lost (%s); re-queueing it", job.name, err)
+        state.queue.appendleft(job)
+        _replace(state, slot, model, config, options)
+        return None
+
+
+def _replace(
+    state: _State, slot: _Slot, model: str, config: QuantizeConfig, options: RayOptions
+) -> None:
+    for ref, index in list(state.pending.items()):
+        if index == slot.index:
+            del state.pending[ref]
+    del state.slots[slot.index]
+    ray.kill(slot.actor)
+    _start_actor(state, model, config, options)
+
+
+def _check_placement(state: _State, options: RayOptions) -> None:
+    """Fail when no actor has been alive for ``placement_timeout``: nothing can run."""
+    if any(slot.info is not None for slot in state.slots.values()):
+        state.no_worker_since = None
+        return
+    now = time.monotonic()
+    if state.no_worker_since is None:
+        state.no_worker_since = now
+        return
+    if now - state.no_worker_since < options.placement_timeout:
+        return
+    want = f"{options.gpus_per_worker} GPU" if options.gpus_per_worker > 0 else "1 CPU"
+    raise DistributedError(
+        f"No Ray worker could be placed in {options.placement_timeout:.0f} s: each asks for "
+        f"{want}, and the cluster has {_resources()} in total, "
+        f"{_free_resources()} free. Add nodes with those resources, or lower "
+        "--gpus-per-worker (0 runs on CPUs)."
+    )
