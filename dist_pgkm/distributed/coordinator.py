@@ -156,7 +156,7 @@ def quantize_model(
         raise CheckpointError(f"{out} is a file; --out must be a directory.")
     with exclusive_run(out):
         return _run(
-            Path(model),
+            Path(model).absolute(),  # workers may run in another directory or node
             source,
             plan,
             config,
