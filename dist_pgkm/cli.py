@@ -442,7 +442,8 @@ def _run_bench_ptq(args: argparse.Namespace) -> int:
             write_json(args.json, report.as_dict())
         if args.md is not None:
             ptq.write_markdown(args.md, report)
-            ptq.write_plots(args.md.parent / "img", report)
+            if not args.quick:  # the plots show the full comparison only
+                ptq.write_plots(args.md.parent / "img", report)
 
     with _progress() as update:
         report = ptq.run_benchmark(options, progress=update, on_row=save)
