@@ -24,44 +24,9 @@ from dist_pgkm.config import load_config
 from dist_pgkm.config.quantize import QuantizeConfig
 from dist_pgkm.distributed.coordinator import quantize_model
 from dist_pgkm.errors import CheckpointError, ConfigError, ModelSourceError
-from dist_pgkm.models.offline import minilm_dir
 from dist_pgkm.pq import unpack_codes
 
-# Every Linear of the first two blocks at bs 4, K 64, the word embeddings at bs 8, K 256; a
-# skipped layer (token types: 2 x 384 = 96 blocks of 8 < 256) and a rule-level skip.
-CONFIG = {
-    "n_iter": 4,
-    "rules": [
-        {"match": "encoder.layer.1.attention.self.query", "skip": True},
-        {"match": "re:encoder\\.layer\\.[01]\\..*", "block_size": 4, "k": 64},
-        {"match": "re:embeddings\\.(word|token_type)_embeddings", "block_size": 8, "k": 256},
-    ],
-}
-N_JOBS = 12  # 2 blocks x 6 Linear - 1 skipped by rule + word embeddings
-CHECKPOINT_FILES = ("model.safetensors", "config.json")
-
-
-@pytest.fixture(scope="module")
-def model() -> Path:
-    return minilm_dir()
-
-
-@pytest.fixture(scope="module")
-def config() -> QuantizeConfig:
-    return load_config(CONFIG)
-
-
-@pytest.fixture(scope="module")
-def reference(
-    tmp_path_factory: pytest.TempPathFactory, model: Path, config: QuantizeConfig
-) -> Path:
-    out = tmp_path_factory.mktemp("reference")
-    quantize_model(model, config, out)
-    return out
-
-
-def _checkpoint_bytes(out: Path) -> dict[str, bytes]:
-    return {name: (out / name).read_bytes() for name in CHECKPOINT_FILES}
+from .conftest import CONFIG, N_JOBS, checkpoint_bytes
 
 
 def test_checkpoint_holds_what_the_format_says(reference: Path, model: Path) -> None:
@@ -121,10 +86,10 @@ def test_inspect_counts_every_byte(reference: Path) -> None:
 def test_second_run_is_a_no_op_and_same_bytes(
     reference: Path, model: Path, config: QuantizeConfig, tmp_path: Path
 ) -> None:
-    before = _checkpoint_bytes(reference)
+    before = checkpoint_bytes(reference)
     summary = quantize_model(model, config, reference, resume=True)
     assert summary.done_before == N_JOBS
-    assert _checkpoint_bytes(reference) == before
+    assert checkpoint_bytes(reference) == before
 
 
 def test_corrupt_shard_is_redone_to_the_same_bytes(
@@ -137,7 +102,7 @@ def test_corrupt_shard_is_redone_to_the_same_bytes(
     (out / "shards" / "embeddings.word_embeddings.safetensors").unlink()
     summary = quantize_model(model, config, out)
     assert sorted(summary.redone) == ["embeddings.word_embeddings", "encoder.layer.0.output.dense"]
-    assert _checkpoint_bytes(out) == _checkpoint_bytes(reference)
+    assert checkpoint_bytes(out) == checkpoint_bytes(reference)
 
 
 def test_kill_9_then_same_command_gives_the_same_bytes(
@@ -178,7 +143,7 @@ def test_kill_9_then_same_command_gives_the_same_bytes(
     result = subprocess.run([*command, "--resume"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert f"{N_JOBS} layers quantized" in result.stdout
-    assert _checkpoint_bytes(out) == _checkpoint_bytes(reference)
+    assert checkpoint_bytes(out) == checkpoint_bytes(reference)
 
 
 def test_changed_config_or_foreign_dir_is_refused(
@@ -214,7 +179,7 @@ def test_modified_merged_file_is_merged_again(
     data[-1] ^= 0xFF  # one flipped bit in the last tensor
     (out / "model.safetensors").write_bytes(bytes(data))
     quantize_model(model, config, out)
-    assert _checkpoint_bytes(out) == _checkpoint_bytes(reference)
+    assert checkpoint_bytes(out) == checkpoint_bytes(reference)
 
 
 def test_config_records_the_source_dtype(reference: Path) -> None:
@@ -240,4 +205,4 @@ def test_one_writer_per_directory_and_debris_is_cleaned(
             quantize_model(model, config, out)
     quantize_model(model, config, out)
     assert not [p for p in debris if p.exists()]
-    assert _checkpoint_bytes(out) == _checkpoint_bytes(reference)
+    assert checkpoint_bytes(out) == checkpoint_bytes(reference)

@@ -26,16 +26,15 @@ import pytest
 pytest.importorskip("ray", reason="Ray is not installed: pip install 'dist-pgkm[ray]'")
 psutil = pytest.importorskip("psutil", reason="the fault tests find processes with psutil")
 
-from dist_pgkm.config import load_config  # noqa: E402
 from dist_pgkm.config.quantize import QuantizeConfig  # noqa: E402
 from dist_pgkm.distributed.coordinator import quantize_model  # noqa: E402
 from dist_pgkm.distributed.plan import plan_run  # noqa: E402
 from dist_pgkm.distributed.ray_executor import RayOptions, run_on_ray  # noqa: E402
 from dist_pgkm.errors import DistributedError, InvalidInputError  # noqa: E402
 from dist_pgkm.models.layers import find_layers  # noqa: E402
-from dist_pgkm.models.offline import minilm_dir  # noqa: E402
 from dist_pgkm.models.source import open_source  # noqa: E402
-from tests.distributed.test_quantize_model import CHECKPOINT_FILES, CONFIG  # noqa: E402
+
+from .conftest import CONFIG, checkpoint_bytes  # noqa: E402
 
 RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
 # A killed node is declared dead in ~3 s instead of ~30 s.
@@ -45,29 +44,6 @@ HEALTH_ENV = {
     "RAY_health_check_timeout_ms": "1000",
 }
 RAY_BIN = str(Path(sys.executable).with_name("ray"))
-
-
-@pytest.fixture(scope="module")
-def model() -> Path:
-    return minilm_dir()
-
-
-@pytest.fixture(scope="module")
-def config() -> QuantizeConfig:
-    return load_config(CONFIG)
-
-
-@pytest.fixture(scope="module")
-def reference(
-    tmp_path_factory: pytest.TempPathFactory, model: Path, config: QuantizeConfig
-) -> Path:
-    out = tmp_path_factory.mktemp("in-process")
-    quantize_model(model, config, out)
-    return out
-
-
-def _checkpoint_bytes(out: Path) -> dict[str, bytes]:
-    return {name: (out / name).read_bytes() for name in CHECKPOINT_FILES}
 
 
 def _n_shards(out: Path) -> int:
@@ -119,7 +95,7 @@ def test_embedded_two_workers_match_in_process(
     out = tmp_path / "ray"
     summary = quantize_model(model, config, out, workers=2)
     assert len(summary.plan.jobs) == len(list((out / "shards").iterdir()))
-    assert _checkpoint_bytes(out) == _checkpoint_bytes(reference)
+    assert checkpoint_bytes(out) == checkpoint_bytes(reference)
 
 
 def test_killed_worker_job_is_rerun(
@@ -130,7 +106,7 @@ def test_killed_worker_job_is_rerun(
     with _Killer(os.getpid(), lambda: _n_shards(out) >= 1, times=1) as killer:
         quantize_model(model, config, out, workers=2)
     assert len(killer.killed) == 1
-    assert _checkpoint_bytes(out) == _checkpoint_bytes(reference)
+    assert checkpoint_bytes(out) == checkpoint_bytes(reference)
 
 
 def test_job_that_kills_every_worker_fails_with_its_name(
@@ -316,7 +292,7 @@ def test_cluster_survives_a_lost_node(
     killer.join(timeout=1)
     assert killed_at, "the run finished before the node was killed"
     assert not psutil.pid_exists(raylet) or psutil.Process(raylet).status() == "zombie"
-    assert _checkpoint_bytes(out) == _checkpoint_bytes(reference)
+    assert checkpoint_bytes(out) == checkpoint_bytes(reference)
 
 
 def test_cluster_without_the_gpus_times_out(
