@@ -72,6 +72,17 @@ def _name_list(choices: Sequence[str]) -> Callable[[str], tuple[str, ...]]:
     return parse
 
 
+def _add_choice_list(p: argparse.ArgumentParser, flag: str, choices: tuple[str, ...]) -> None:
+    """``FLAG a,b,...``: a comma-separated subset of ``choices``, all of them by default."""
+    p.add_argument(
+        flag,
+        type=_name_list(choices),
+        default=choices,
+        metavar="LIST",
+        help=f"comma-separated {flag.lstrip('-')} (default {','.join(choices)})",
+    )
+
+
 def _pattern_list(text: str) -> tuple[str, ...]:
     return tuple(t.strip() for t in text.split(",") if t.strip())
 
@@ -195,13 +206,7 @@ def _register_bench_kmeans(subparsers: Subparsers, parents: list[argparse.Argume
         "--n-iter", type=_positive_int, default=15, metavar="N", help="iterations (default 15)"
     )
     p.add_argument("--seed", type=_non_negative_int, default=0, help="seed of every run")
-    p.add_argument(
-        "--methods",
-        type=_name_list(methods),
-        default=methods,
-        metavar="LIST",
-        help=f"comma-separated methods (default {','.join(methods)})",
-    )
+    _add_choice_list(p, "--methods", methods)
     p.add_argument(
         "--no-memory", action="store_true", help="skip the 10M x 8 peak-memory measurement"
     )
@@ -478,20 +483,8 @@ def _register_bench_ptq(subparsers: Subparsers, parents: list[argparse.ArgumentP
         metavar="PATH",
         help="rewrite the ptq section of this markdown file (plots go to its img/ folder)",
     )
-    p.add_argument(
-        "--models",
-        type=_name_list(tuple(MODELS)),
-        default=tuple(MODELS),
-        metavar="LIST",
-        help=f"comma-separated models (default {','.join(MODELS)})",
-    )
-    p.add_argument(
-        "--methods",
-        type=_name_list(methods),
-        default=methods,
-        metavar="LIST",
-        help=f"comma-separated methods (default {','.join(methods)})",
-    )
+    _add_choice_list(p, "--models", tuple(MODELS))
+    _add_choice_list(p, "--methods", methods)
     p.add_argument(
         "--presets",
         type=_pattern_list,

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -44,3 +47,17 @@ def sse_reference(x: torch.Tensor, centroids: torch.Tensor, codes: torch.Tensor)
 @pytest.fixture
 def mixture() -> torch.Tensor:
     return gaussian_mixture(6000, 8, 40, seed=1)
+
+
+def run_cli(
+    *args: str, cwd: Path | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess[str]:
+    """Run ``dist-pgkm ARGS`` as a user would (a subprocess, wide terminal for the tables)."""
+    return subprocess.run(
+        [sys.executable, "-m", "dist_pgkm.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
+        env={**os.environ, "COLUMNS": "200"},
+    )

@@ -6,7 +6,6 @@ import importlib.util
 import json
 import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,7 +18,7 @@ from dist_pgkm import cluster
 from dist_pgkm.cli import build_parser
 from dist_pgkm.utils.optional import faiss_available, import_faiss
 
-from .conftest import sse_reference
+from .conftest import run_cli, sse_reference
 
 SSE_RTOL = 1e-6
 DATASET = "minilm.L0.query.bs4.k256.clean"
@@ -42,15 +41,7 @@ def _threads(n: int) -> Iterator[None]:
 
 
 def _cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "COLUMNS": "200"}
-    return subprocess.run(
-        [sys.executable, "-m", "dist_pgkm.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=cwd,
-        env=env,
-    )
+    return run_cli(*args, cwd=cwd, timeout=300)
 
 
 def test_version() -> None:

@@ -8,9 +8,7 @@ on the real model in well under a minute.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +16,8 @@ import torch
 
 import dist_pgkm
 from dist_pgkm.eval import load_text, perplexity, token_windows
+
+from .conftest import run_cli
 
 CONFIG = """\
 version: 1
@@ -32,23 +32,12 @@ rules:
 """
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "COLUMNS": "200"}
-    return subprocess.run(
-        [sys.executable, "-m", "dist_pgkm.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-    )
-
-
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess[str]]:
     work = tmp_path_factory.mktemp("cli")
     (work / "cfg.yaml").write_text(CONFIG)
     out = work / "out"
-    result = _cli(
+    result = run_cli(
         "quantize", "smollm2-135m", "--config", str(work / "cfg.yaml"), "--out", str(out),
         "--json", str(work / "summary.json"),
     )  # fmt: skip
@@ -86,7 +75,7 @@ def test_inspect_table_and_json(
     run: tuple[Path, subprocess.CompletedProcess[str]], tmp_path: Path
 ) -> None:
     out, _ = run
-    result = _cli("inspect", str(out), "--json", str(tmp_path / "i.json"))
+    result = run_cli("inspect", str(out), "--json", str(tmp_path / "i.json"))
     assert result.returncode == 0, result.stderr
     assert "model.embed_tokens (+lm_head)" in result.stdout
     info = json.loads((tmp_path / "i.json").read_text())
@@ -123,15 +112,15 @@ def test_eval_and_export_dense(
     run: tuple[Path, subprocess.CompletedProcess[str]], tmp_path: Path
 ) -> None:
     out, _ = run
-    result = _cli("eval", str(out), "--tokens", "1024", "--json", str(tmp_path / "q.json"))
+    result = run_cli("eval", str(out), "--tokens", "1024", "--json", str(tmp_path / "q.json"))
     assert result.returncode == 0, result.stderr
     q = json.loads((tmp_path / "q.json").read_text())
     assert q["quantized"] is True
     assert q["n_tokens"] == 2 * 511
     dense = tmp_path / "dense"
-    result = _cli("export-dense", str(out), str(dense))
+    result = run_cli("export-dense", str(out), str(dense))
     assert result.returncode == 0, result.stderr
-    result = _cli("eval", str(dense), "--tokens", "1024", "--json", str(tmp_path / "d.json"))
+    result = run_cli("eval", str(dense), "--tokens", "1024", "--json", str(tmp_path / "d.json"))
     assert result.returncode == 0, result.stderr
     d = json.loads((tmp_path / "d.json").read_text())
     assert d["quantized"] is False
@@ -140,7 +129,7 @@ def test_eval_and_export_dense(
 
 def test_user_errors_exit_2_with_the_fix(tmp_path: Path) -> None:
     (tmp_path / "typo.yaml").write_text("rules:\n  - match: x\n    blocksize: 4\n    k: 16\n")
-    result = _cli(
+    result = run_cli(
         "quantize",
         "minilm-l6",
         "--config",
@@ -151,7 +140,7 @@ def test_user_errors_exit_2_with_the_fix(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "rules.0.blocksize: unknown key (a typo?)" in result.stderr
     assert "Traceback" not in result.stderr
-    result = _cli(
+    result = run_cli(
         "quantize",
         str(tmp_path / "missing"),
         "--config",
@@ -160,10 +149,10 @@ def test_user_errors_exit_2_with_the_fix(tmp_path: Path) -> None:
         str(tmp_path / "o"),
     )
     assert result.returncode == 2
-    result = _cli("inspect", str(tmp_path))
+    result = run_cli("inspect", str(tmp_path))
     assert result.returncode == 2
     assert "not a dist-pgkm checkpoint" in result.stderr
-    result = _cli(
+    result = run_cli(
         "quantize", "minilm-l6", "--config", "x.yaml", "--out", "o", "--max-shard-size", "lots"
     )
     assert result.returncode == 2
