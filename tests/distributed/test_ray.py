@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -34,16 +32,8 @@ from dist_pgkm.errors import DistributedError, InvalidInputError  # noqa: E402
 from dist_pgkm.models.layers import find_layers  # noqa: E402
 from dist_pgkm.models.source import open_source  # noqa: E402
 
+from .cluster import LoopbackCluster, free_port  # noqa: E402
 from .conftest import CONFIG, checkpoint_bytes  # noqa: E402
-
-RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
-# A killed node is declared dead in ~3 s instead of ~30 s.
-HEALTH_ENV = {
-    "RAY_health_check_period_ms": "1000",
-    "RAY_health_check_failure_threshold": "3",
-    "RAY_health_check_timeout_ms": "1000",
-}
-RAY_BIN = str(Path(sys.executable).with_name("ray"))
 
 
 def _n_shards(out: Path) -> int:
@@ -148,7 +138,7 @@ def test_gpus_this_machine_lacks(tmp_path: Path, model: Path, config: QuantizeCo
 def test_cli_unreachable_address_exits_2_with_the_fix(tmp_path: Path) -> None:
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(json.dumps(CONFIG))  # JSON is YAML
-    port = _free_port("127.0.0.1")
+    port = free_port("127.0.0.1")
     cli = [sys.executable, "-m", "dist_pgkm.cli", "quantize", "minilm-l6", "--config", str(cfg)]
     run = subprocess.run(
         [*cli, "--out", str(tmp_path / "out"), "--address", f"127.0.0.1:{port}", "--workers", "2"],
@@ -174,96 +164,9 @@ def test_malformed_address(tmp_path: Path, model: Path, config: QuantizeConfig) 
 # --- a real 2-node cluster on loopback ---------------------------------------------------------
 
 
-def _free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def _stop_tree(proc: subprocess.Popen[bytes]) -> None:
-    """Stop a `ray start --block` and every process it started, by PID."""
-    try:
-        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-    except psutil.NoSuchProcess:
-        tree = []
-    for p in tree:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            continue
-    psutil.wait_procs(tree, timeout=10)
-    proc.wait(timeout=10)
-
-
-class _Cluster:
-    def __init__(self) -> None:
-        self.temp_dir = tempfile.mkdtemp(prefix="dpgkm-raytest-")
-        self.port = _free_port("127.0.0.2")
-        self.address = f"127.0.0.2:{self.port}"
-        self.env = {**os.environ, **RAY_ENV, **HEALTH_ENV}
-        self.head: subprocess.Popen[bytes] | None = None
-        self.worker: subprocess.Popen[bytes] | None = None
-
-    def _start(self, *args: str) -> subprocess.Popen[bytes]:
-        log = open(Path(self.temp_dir) / f"start-{len(os.listdir(self.temp_dir))}.log", "wb")  # noqa: SIM115
-        return subprocess.Popen(
-            [RAY_BIN, "start", "--block", "--num-cpus=1", "--disable-usage-stats", *args],
-            env=self.env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-
-    def start(self) -> None:
-        self.head = self._start(
-            "--head",
-            "--node-ip-address=127.0.0.2",
-            f"--port={self.port}",
-            "--include-dashboard=false",
-            f"--temp-dir={self.temp_dir}",
-        )
-        _wait_for(lambda: _listening("127.0.0.2", self.port), 60, "the head's GCS")
-        self.worker = self._start(f"--address={self.address}", "--node-ip-address=127.0.0.3")
-        _wait_for(lambda: self.raylet_pid(self.worker) is not None, 60, "the worker raylet")
-
-    @staticmethod
-    def raylet_pid(proc: subprocess.Popen[bytes] | None) -> int | None:
-        if proc is None:
-            return None
-        for p in psutil.Process(proc.pid).children(recursive=True):
-            try:
-                if p.name() == "raylet":
-                    return p.pid
-            except psutil.NoSuchProcess:
-                continue
-        return None
-
-    def stop(self) -> None:
-        for proc in (self.worker, self.head):
-            if proc is not None:
-                _stop_tree(proc)
-        shutil.rmtree(self.temp_dir, ignore_errors=True)
-
-
-def _listening(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=1):
-            return True
-    except OSError:
-        return False
-
-
-def _wait_for(check: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} did not come up in {timeout} s")
-        time.sleep(0.2)
-
-
 @pytest.fixture
-def cluster() -> Iterator[_Cluster]:
-    c = _Cluster()
+def cluster() -> Iterator[LoopbackCluster]:
+    c = LoopbackCluster()
     try:
         c.start()
         yield c
@@ -272,7 +175,7 @@ def cluster() -> Iterator[_Cluster]:
 
 
 def test_cluster_survives_a_lost_node(
-    tmp_path: Path, model: Path, config: QuantizeConfig, reference: Path, cluster: _Cluster
+    tmp_path: Path, model: Path, config: QuantizeConfig, reference: Path, cluster: LoopbackCluster
 ) -> None:
     out = tmp_path / "ray"
     raylet = cluster.raylet_pid(cluster.worker)
@@ -296,7 +199,7 @@ def test_cluster_survives_a_lost_node(
 
 
 def test_cluster_without_the_gpus_times_out(
-    model: Path, config: QuantizeConfig, cluster: _Cluster
+    model: Path, config: QuantizeConfig, cluster: LoopbackCluster
 ) -> None:
     jobs = plan_run(find_layers(open_source(model)), config).jobs
     options = RayOptions(address=cluster.address, workers=1, gpus_per_worker=1, placement_timeout=3)
