@@ -361,7 +361,8 @@ def _register_quantize(subparsers: Subparsers, parents: list[argparse.ArgumentPa
         "--address",
         default=None,
         metavar="HOST:PORT",
-        help="join the Ray cluster whose head is at HOST:PORT (see docs/distributed.md)",
+        help="join the Ray cluster whose head is at HOST:PORT, or 'auto' for $RAY_ADDRESS "
+        "(inside `ray job submit`; see docs/distributed.md)",
     )
     p.add_argument(
         "--gpus-per-worker",

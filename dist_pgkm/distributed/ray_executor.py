@@ -36,7 +36,7 @@ from dist_pgkm.distributed.worker import JobResult, run_job
 from dist_pgkm.errors import DistributedError
 from dist_pgkm.models.source import ModelSource, open_source
 
-__all__ = ["RayOptions", "WorkerInfo", "preflight", "run_on_ray"]
+__all__ = ["RayOptions", "WorkerInfo", "preflight", "resolve_address", "run_on_ray"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,8 +53,9 @@ class RayOptions:
         workers: Number of actors. 0 with an ``address``: one per CPU slot of the cluster (or
             per GPU slot with ``gpus_per_worker``); 0 without an address is the in-process
             path, which never reaches this module.
-        address: ``HOST:PORT`` of a running cluster's head (GCS), or None for an embedded Ray
-            on this machine with ``workers`` CPUs.
+        address: ``HOST:PORT`` of a running cluster's head (GCS), ``"auto"`` for the one in
+            ``RAY_ADDRESS`` (set inside Ray jobs and by the launchers), or None for an embedded
+            Ray on this machine with ``workers`` CPUs.
         gpus_per_worker: GPUs each actor reserves (0: CPU actors, one CPU each).
         max_attempts: Tries per job before a job whose worker dies every time fails the run.
         connect_timeout: Seconds to reach ``address`` before giving up.
@@ -166,7 +167,7 @@ def preflight(options: RayOptions) -> None:
             embedded Ray is asked for no worker.
     """
     if options.address is not None:
-        _check_reachable(options.address, options.connect_timeout)
+        _check_reachable(resolve_address(options.address), options.connect_timeout)
     elif options.workers < 1:
         raise DistributedError(
             f"workers={options.workers}: an embedded Ray needs at least 1 worker "
@@ -175,6 +176,29 @@ def preflight(options: RayOptions) -> None:
 
 
 # --- connecting --------------------------------------------------------------------------------
+
+
+def resolve_address(address: str) -> str:
+    """``address`` itself, or for ``"auto"`` the cluster address in ``RAY_ADDRESS``.
+
+    Raises:
+        DistributedError: ``auto`` without ``RAY_ADDRESS``, or one that is not a GCS address.
+    """
+    if address != "auto":
+        return address
+    env = os.environ.get("RAY_ADDRESS", "").strip()
+    if not env:
+        raise DistributedError(
+            "--address auto takes the cluster's address from RAY_ADDRESS, which is not set. "
+            "Ray sets it for `ray job submit` entrypoints and the SLURM launcher exports it; "
+            "elsewhere pass the head's HOST:PORT."
+        )
+    if "://" in env:
+        raise DistributedError(
+            f"RAY_ADDRESS={env!r} is a dashboard or Ray Client URL; --address needs the head's "
+            "GCS address HOST:PORT (as printed by `ray start --head`, default port 6379)."
+        )
+    return env
 
 
 @contextlib.contextmanager
@@ -248,18 +272,19 @@ def _ray_session(options: RayOptions) -> Iterator[int]:
                     _temp_dir=temp_dir,
                 )
             else:
+                address = resolve_address(options.address)
                 try:
                     ray.init(
-                        address=options.address,
+                        address=address,
                         include_dashboard=False,
                         log_to_driver=False,
                         configure_logging=False,
-                        _node_ip_address=_node_ip_for(options.address),
+                        _node_ip_address=_node_ip_for(address),
                     )
                 except (ConnectionError, RuntimeError) as err:
                     # Version mismatches and failed handshakes surface as these.
                     raise DistributedError(
-                        f"Cannot join the Ray cluster at {options.address}: {err}. The driver "
+                        f"Cannot join the Ray cluster at {address}: {err}. The driver "
                         "and the cluster must run the same Ray and Python versions; check "
                         "`ray --version` on the head."
                     ) from err

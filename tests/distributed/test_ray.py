@@ -207,3 +207,17 @@ def test_cluster_without_the_gpus_times_out(
     with pytest.raises(DistributedError, match=r"No Ray worker could be placed in 3 s.*1 GPU"):
         run_on_ray(jobs, str(model), config, options, on_result=lambda job, result: None)
     assert time.monotonic() - start < 30
+
+
+def test_address_auto_reads_ray_address(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dist_pgkm.distributed.ray_executor import resolve_address
+
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    assert resolve_address("auto") == "10.0.0.1:6379"
+    assert resolve_address("10.0.0.2:1234") == "10.0.0.2:1234"
+    monkeypatch.setenv("RAY_ADDRESS", "http://10.0.0.1:8265")
+    with pytest.raises(DistributedError, match="dashboard or Ray Client URL"):
+        resolve_address("auto")
+    monkeypatch.delenv("RAY_ADDRESS")
+    with pytest.raises(DistributedError, match="RAY_ADDRESS, which is not set"):
+        resolve_address("auto")
