@@ -272,10 +272,11 @@ def _model_path(text: str) -> Path:
 def _run_quantize(args: argparse.Namespace) -> int:
     from dist_pgkm.checkpoint.inspect import describe
     from dist_pgkm.config.quantize import load_config
+    from dist_pgkm.console import quantize_progress, worker_summary_lines
     from dist_pgkm.distributed.coordinator import quantize_model
 
     config = load_config(args.config, method=args.method, seed=args.seed)
-    with _progress() as update:
+    with quantize_progress() as update:
         summary = quantize_model(
             _model_path(args.model),
             config,
@@ -307,6 +308,8 @@ def _run_quantize(args: argparse.Namespace) -> int:
         f"  {summary.seconds:.1f} s (quantize {summary.quantize_seconds:.1f} s, merge "
         f"{summary.merge_seconds:.1f} s), peak RSS {_fmt_bytes(summary.peak_rss_bytes)}"
     )
+    for line in worker_summary_lines(summary.timing):
+        console.print(line, highlight=False)
     from dist_pgkm.eval.report import write_report
 
     write_report(args.out, info, summary.as_dict())

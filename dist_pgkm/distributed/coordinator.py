@@ -23,6 +23,7 @@ from dist_pgkm.checkpoint.merge import QuantizedLayer, merge_checkpoint
 from dist_pgkm.checkpoint.shard import file_sha256, write_shard
 from dist_pgkm.config.quantize import QuantizeConfig
 from dist_pgkm.distributed.plan import LayerJob, Plan, plan_run
+from dist_pgkm.distributed.progress import ProgressSnapshot, RunTracker
 from dist_pgkm.distributed.worker import JobResult, run_job
 from dist_pgkm.errors import CheckpointError, DistributedError, InvalidInputError
 from dist_pgkm.models.layers import find_layers
@@ -36,8 +37,8 @@ __all__ = ["Progress", "RunSummary", "fingerprint", "quantize_model", "shard_pat
 
 logger = logging.getLogger(__name__)
 
-Progress = Callable[[int, int, str], None]
-"""``(layers done, layers total, description)``: called as the run advances."""
+Progress = Callable[[ProgressSnapshot], None]
+"""Called with a fresh snapshot whenever a worker or a job changes state."""
 
 
 def _version() -> str:
@@ -77,6 +78,7 @@ class RunSummary:
     quantize_seconds: float = 0.0
     merge_seconds: float = 0.0
     peak_rss_bytes: int = 0
+    timing: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready summary (the plan as counts and skipped layers)."""
@@ -95,6 +97,7 @@ class RunSummary:
             "quantize_seconds": self.quantize_seconds,
             "merge_seconds": self.merge_seconds,
             "peak_rss_bytes": self.peak_rss_bytes,
+            "timing": self.timing,
         }
 
 
@@ -118,7 +121,8 @@ def quantize_model(
         out_dir: Output directory: new, empty, or holding this same run (then resumed).
         resume: Require an existing run in ``out_dir`` (``--resume``).
         max_shard_bytes: Split the merged checkpoint into files of at most this many bytes.
-        progress: Called after each layer with ``(done, total, description)``.
+        progress: Called with a :class:`ProgressSnapshot` (layers done, throughput, ETA, what
+            each worker is doing) whenever a worker or a job changes state.
         workers: Ray workers (actors). 0 without ``address``: run the jobs in this process,
             one after the other; N: an embedded Ray on this machine with N workers, or N
             workers on the cluster at ``address`` (0 there: one per CPU or GPU slot).
@@ -226,29 +230,28 @@ def _run(
         len(plan.skipped),
         plan.n_float,
     )
-    report = progress or (lambda done, total, description: None)
-    report(total - len(todo), total, "quantizing")
-    n_done = total - len(todo)
+    tracker = RunTracker(plan.jobs, done=set(done), listener=progress)
 
     def record(job: LayerJob, result: JobResult) -> None:
-        nonlocal n_done
         _record(job, result, manifest)
-        n_done += 1
-        report(n_done, total, job.name)
 
     if executor.in_process:
+        tracker.worker_ready("local", "this process")
         for job in todo:
+            tracker.dispatched(job, "local")
             weight = source.read(job.tensor)
             result = run_job(job, weight, config)
             del weight
             record(job, result)
-    else:
-        _run_on_ray(todo, model, config, executor, record)
+            tracker.finished(job, "local", result.seconds)
+    elif todo:
+        _run_on_ray(todo, model, config, executor, record, tracker)
+    tracker.close()
     quantize_end = time.perf_counter()
 
     files = manifest.merged
     if files is None or not _merged_intact(out, files):
-        report(total, total, "merging")
+        tracker.stage("merging")
         layers = [
             QuantizedLayer(job.name, job.tensor, out / shard_path(job.name), job.tied)
             for job in plan.jobs
@@ -267,6 +270,7 @@ def _run(
         quantize_seconds=quantize_end - start,
         merge_seconds=end - quantize_end,
         peak_rss_bytes=peak_rss_bytes(),
+        timing=tracker.summary(),
     )
 
 
@@ -286,10 +290,11 @@ def _run_on_ray(
     config: QuantizeConfig,
     executor: _Executor,
     record: Callable[[LayerJob, JobResult], None],
+    tracker: RunTracker,
 ) -> None:
     # Absolute, not resolved (see open_source): workers may run in another directory.
     path = str(model.expanduser().absolute())
-    _ray_executor().run_on_ray(jobs, path, config, executor.options(), record)
+    _ray_executor().run_on_ray(jobs, path, config, executor.options(), record, tracker)
 
 
 def _record(job: LayerJob, result: JobResult, manifest: Manifest) -> None:

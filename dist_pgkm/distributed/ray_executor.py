@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import platform
 import shutil
 import socket
 import tempfile
@@ -25,15 +26,19 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import ray
 import ray.exceptions
+import torch
 
+import dist_pgkm
 from dist_pgkm.config.quantize import QuantizeConfig
 from dist_pgkm.distributed.plan import LayerJob
+from dist_pgkm.distributed.progress import RunTracker
 from dist_pgkm.distributed.worker import JobResult, run_job
-from dist_pgkm.errors import DistributedError
+from dist_pgkm.errors import DistPGKMError, DistributedError
 from dist_pgkm.models.source import ModelSource, open_source
 
 __all__ = ["RayOptions", "WorkerInfo", "preflight", "resolve_address", "run_on_ray"]
@@ -43,6 +48,8 @@ logger = logging.getLogger(__name__)
 # Settings every Ray process started for a run gets unless the caller's environment says
 # otherwise: no token auth (on by default once ~/.ray/auth_token exists), no usage reporting.
 _RAY_ENV_DEFAULTS = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+# An embedded Ray's temp dir: ``dpgkm-ray-<driver pid>-<random>`` in the system temp dir.
+TEMP_PREFIX = "dpgkm-ray-"
 
 
 @dataclass(frozen=True)
@@ -79,11 +86,22 @@ class WorkerInfo:
     pid: int
     node_ip: str
 
+    @property
+    def label(self) -> str:
+        return f"w{self.index}"
+
 
 OnResult = Callable[[LayerJob, JobResult], None]
 """Called in the driver, once per job, as its result arrives (any order)."""
-OnDispatch = Callable[[LayerJob, WorkerInfo], None]
-"""Called in the driver when a job is handed to a worker (progress, tests)."""
+
+
+def versions() -> dict[str, str]:
+    """What must match between the driver and every worker for the same bytes."""
+    return {
+        "dist-pgkm": dist_pgkm.__version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
 
 
 class _LayerWorker:
@@ -94,9 +112,19 @@ class _LayerWorker:
         self._config = config
         self._source: ModelSource | None = None
 
-    def ready(self) -> tuple[int, str]:
-        """Process id and node address, once the actor is placed and started."""
-        return os.getpid(), ray.util.get_node_ip_address()  # type: ignore[no-untyped-call]
+    def ready(self) -> dict[str, Any]:
+        """Once placed: process id, node, versions, and whether this node can read the model."""
+        error = None
+        try:
+            self._source = open_source(self._model)
+        except DistPGKMError as err:
+            error = str(err)
+        return {
+            "pid": os.getpid(),
+            "node_ip": ray.util.get_node_ip_address(),  # type: ignore[no-untyped-call]
+            "versions": versions(),
+            "model_error": error,
+        }
 
     def run(self, job: LayerJob) -> JobResult:
         if self._source is None:
@@ -105,36 +133,13 @@ class _LayerWorker:
         return run_job(job, weight, self._config)
 
 
-@dataclass
-class _Slot:
-    """An actor as the driver sees it: starting, idle, or running one job."""
-
-    index: int
-    actor: Any
-    ready_ref: Any
-    started: float
-    info: WorkerInfo | None = None
-    job: LayerJob | None = None
-
-
-@dataclass
-class _State:
-    queue: deque[LayerJob]
-    attempts: dict[str, int] = field(default_factory=dict)
-    slots: dict[int, _Slot] = field(default_factory=dict)
-    pending: dict[Any, int] = field(default_factory=dict)  # ObjectRef -> slot index
-    next_index: int = 0
-    start_failures: int = 0
-    no_worker_since: float | None = None
-
-
 def run_on_ray(
     jobs: Sequence[LayerJob],
     model: str,
     config: QuantizeConfig,
     options: RayOptions,
     on_result: OnResult,
-    on_dispatch: OnDispatch | None = None,
+    tracker: RunTracker | None = None,
 ) -> None:
     """Run ``jobs`` on Ray actors, longest first, and hand each result to ``on_result``.
 
@@ -145,18 +150,19 @@ def run_on_ray(
         config: The run's configuration.
         options: Embedded or cluster, number of workers, GPUs, retries and timeouts.
         on_result: Called in this process with each finished job, as it arrives.
-        on_dispatch: Called when a job is handed to a worker.
+        tracker: Told when workers start and die and jobs start and finish (progress).
 
     Raises:
-        DistributedError: The cluster cannot be reached or joined; no worker can be placed
-            within ``placement_timeout`` (e.g. no GPU); or a job's worker died
-            ``max_attempts`` times.
+        DistributedError: The cluster cannot be reached or joined; a worker runs another
+            dist-pgkm, torch or Python version than this process, or cannot read ``model``;
+            no worker can be placed within ``placement_timeout`` (e.g. no GPU); or a job's
+            worker died ``max_attempts`` times.
         DistPGKMError: A job raised one of dist-pgkm's errors (re-raised as is).
     """
     if not jobs:
         return
     with _ray_session(options) as n_workers:
-        _schedule(jobs, model, config, options, n_workers, on_result, on_dispatch)
+        _Scheduler(model, config, options, on_result, tracker).run(jobs, n_workers)
 
 
 def preflight(options: RayOptions) -> None:
@@ -261,7 +267,8 @@ def _ray_session(options: RayOptions) -> Iterator[int]:
         try:
             preflight(options)
             if options.address is None:
-                temp_dir = tempfile.mkdtemp(prefix="dpgkm-ray-")
+                _remove_stale_temp_dirs()
+                temp_dir = tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-")
                 ray.init(
                     address="local",
                     num_cpus=options.workers,
@@ -294,6 +301,28 @@ def _ray_session(options: RayOptions) -> Iterator[int]:
                 ray.shutdown()
             if temp_dir is not None:
                 shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _remove_stale_temp_dirs() -> None:
+    """Delete the temp dirs of embedded Rays whose driver was killed (their PID is gone).
+
+    A killed driver cannot clean up; its Ray processes follow it within about a minute.
+    """
+    for path in Path(tempfile.gettempdir()).glob(f"{TEMP_PREFIX}*-*"):
+        pid = path.name[len(TEMP_PREFIX) :].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            logger.info("Removing %s, left by a killed run", path)
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
 
 
 def _resources() -> dict[str, float]:
@@ -341,178 +370,203 @@ def _n_workers(options: RayOptions) -> int:
 # --- scheduling --------------------------------------------------------------------------------
 
 
-def _start_actor(state: _State, model: str, config: QuantizeConfig, options: RayOptions) -> None:
-    index = state.next_index
-    state.next_index += 1
-    actor_class: Any = ray.remote(_LayerWorker).options(
-        num_cpus=0 if options.gpus_per_worker > 0 else 1,
-        num_gpus=options.gpus_per_worker,
-        max_restarts=0,  # the driver replaces lost actors itself, counting the jobs they held
-        max_task_retries=0,
-    )
-    actor = actor_class.remote(model, config)
-    ready_ref = actor.ready.remote()
-    state.slots[index] = _Slot(index, actor, ready_ref, time.monotonic())
-    state.pending[ready_ref] = index
+@dataclass
+class _Slot:
+    """An actor as the driver sees it: starting, idle, or running one job."""
+
+    index: int
+    actor: Any
+    ready_ref: Any
+    started: float
+    info: WorkerInfo | None = None
+    job: LayerJob | None = None
 
 
-def _schedule(
-    jobs: Sequence[LayerJob],
-    model: str,
-    config: QuantizeConfig,
-    options: RayOptions,
-    n_workers: int,
-    on_result: OnResult,
-    on_dispatch: OnDispatch | None,
-) -> None:
-    state = _State(queue=deque(jobs))
-    remaining = len(jobs)
-    logger.info("Running %d jobs on %d Ray workers", remaining, n_workers)
-    try:
-        for _ in range(min(n_workers, remaining)):
-            _start_actor(state, model, config, options)
-        while remaining:
-            _dispatch(state, on_dispatch)
-            _check_placement(state, options)
-            # One job in flight per actor bounds the work in flight to the number of actors.
-            assert state.pending, "jobs left but nothing starting or running"
-            ready, _ = ray.wait(list(state.pending), num_returns=1, timeout=1.0)
-            for ref in ready:
-                index = state.pending.pop(ref)
-                slot = state.slots[index]
-                if ref == slot.ready_ref:
-                    _on_ready(state, slot, ref, model, config, options)
-                    continue
-                job = slot.job
-                assert job is not None
-                result = _fetch_result(state, slot, job, ref, model, config, options)
-                if result is not None:
-                    slot.job = None
-                    remaining -= 1
-                    on_result(job, result)
-    finally:
-        for slot in state.slots.values():
-            ray.kill(slot.actor)
+@dataclass
+class _Scheduler:
+    """The driver's state: the queue, the attempts per job, the actors and what they hold."""
 
+    model: str
+    config: QuantizeConfig
+    options: RayOptions
+    on_result: OnResult
+    tracker: RunTracker | None
+    queue: deque[LayerJob] = field(default_factory=deque)
+    attempts: dict[str, int] = field(default_factory=dict)
+    slots: dict[int, _Slot] = field(default_factory=dict)
+    pending: dict[Any, int] = field(default_factory=dict)  # ObjectRef -> slot index
+    next_index: int = 0
+    start_failures: int = 0
+    no_worker_since: float | None = None
 
-def _dispatch(state: _State, on_dispatch: OnDispatch | None) -> None:
-    for slot in state.slots.values():
-        if not state.queue:
-            return
-        if slot.info is None or slot.job is not None:
-            continue
-        job = state.queue.popleft()
-        slot.job = job
-        state.pending[slot.actor.run.remote(job)] = slot.index
-        logger.debug("%s -> worker %d (%s)", job.name, slot.index, slot.info.node_ip)
-        if on_dispatch is not None:
-            on_dispatch(job, slot.info)
+    def run(self, jobs: Sequence[LayerJob], n_workers: int) -> None:
+        self.queue.extend(jobs)
+        remaining = len(jobs)
+        logger.info("Running %d jobs on %d Ray workers", remaining, n_workers)
+        try:
+            for _ in range(min(n_workers, remaining)):
+                self._start_actor()
+            while remaining:
+                self._dispatch()
+                self._check_placement()
+                # One job in flight per actor bounds the work in flight to the number of actors.
+                assert self.pending, "jobs left but nothing starting or running"
+                ready, _ = ray.wait(list(self.pending), num_returns=1, timeout=1.0)
+                for ref in ready:
+                    slot = self.slots[self.pending.pop(ref)]
+                    if ref == slot.ready_ref:
+                        self._on_ready(slot, ref)
+                    elif self._on_result(slot, ref):
+                        remaining -= 1
+        finally:
+            for slot in self.slots.values():
+                ray.kill(slot.actor)
 
-
-def _on_ready(
-    state: _State,
-    slot: _Slot,
-    ref: Any,
-    model: str,
-    config: QuantizeConfig,
-    options: RayOptions,
-) -> None:
-    try:
-        pid, node_ip = ray.get(ref)  # ready: ray.wait returned it, so this does not block
-    except ray.exceptions.RayError as err:
-        # Bounded like jobs: a worker that cannot even start (dist-pgkm not importable on a
-        # node, a broken environment) would otherwise be replaced forever.
-        state.start_failures += 1
-        if state.start_failures >= options.max_attempts * max(1, len(state.slots)):
-            raise DistributedError(
-                f"Ray workers failed to start {state.start_failures} times (last: {err}). "
-                "Every node must have the same Python environment as the driver, with "
-                "dist-pgkm installed."
-            ) from err
-        logger.warning("Worker %d failed to start (%s); starting another", slot.index, err)
-        _replace(state, slot, model, config, options)
-        return
-    slot.info = WorkerInfo(slot.index, pid, node_ip)
-    logger.info("Worker %d ready: pid %d on %s", slot.index, pid, node_ip)
-
-
-def _fetch_result(
-    state: _State,
-    slot: _Slot,
-    job: LayerJob,
-    ref: Any,
-    model: str,
-    config: QuantizeConfig,
-    options: RayOptions,
-) -> JobResult | None:
-    """The job's result, or None after re-queueing it (its worker or its result was lost)."""
-    try:
-        result: JobResult = ray.get(ref)  # ready: ray.wait returned it
-        return result
-    except ray.exceptions.RayTaskError as err:
-        # The job itself raised: a deterministic error that a retry would only repeat.
-        cause = err.cause if isinstance(err.cause, BaseException) else err
-        raise cause from None
-    except (
-        ray.exceptions.RayActorError,
-        ray.exceptions.WorkerCrashedError,
-        ray.exceptions.OutOfMemoryError,
-    ) as err:
-        attempts = state.attempts.get(job.name, 0) + 1
-        state.attempts[job.name] = attempts
-        where = slot.info.node_ip if slot.info is not None else "?"
-        if attempts >= options.max_attempts:
-            raise DistributedError(
-                f"Layer {job.name} {job.shape} lost its worker {attempts} times (last on "
-                f"{where}: {type(err).__name__}); not retrying it again. A job that kills its "
-                "worker usually runs out of memory: give workers more memory (fewer workers "
-                "per node), or skip the layer with a `skip: true` rule."
-            ) from err
-        logger.warning(
-            "Worker %d on %s died running %s (attempt %d of %d); re-queueing it",
-            slot.index,
-            where,
-            job.name,
-            attempts,
-            options.max_attempts,
+    def _start_actor(self) -> None:
+        index = self.next_index
+        self.next_index += 1
+        actor_class: Any = ray.remote(_LayerWorker).options(
+            num_cpus=0 if self.options.gpus_per_worker > 0 else 1,
+            num_gpus=self.options.gpus_per_worker,
+            max_restarts=0,  # the driver replaces lost actors itself, counting the jobs they held
+            max_task_retries=0,
         )
-        state.queue.appendleft(job)
-        _replace(state, slot, model, config, options)
-        return None
-    except ray.exceptions.ObjectLostError as err:
-        # The job finished but its node died before the result was fetched: not its fault.
-        logger.warning("Result of %s was lost (%s); re-queueing it", job.name, err)
-        state.queue.appendleft(job)
-        _replace(state, slot, model, config, options)
-        return None
+        actor = actor_class.remote(self.model, self.config)
+        ready_ref = actor.ready.remote()
+        self.slots[index] = _Slot(index, actor, ready_ref, time.monotonic())
+        self.pending[ready_ref] = index
+
+    def _dispatch(self) -> None:
+        for slot in self.slots.values():
+            if not self.queue:
+                return
+            if slot.info is None or slot.job is not None:
+                continue
+            job = self.queue.popleft()
+            slot.job = job
+            self.pending[slot.actor.run.remote(job)] = slot.index
+            logger.debug("%s -> worker %d (%s)", job.name, slot.index, slot.info.node_ip)
+            if self.tracker is not None:
+                self.tracker.dispatched(job, slot.info.label)
+
+    def _on_ready(self, slot: _Slot, ref: Any) -> None:
+        try:
+            ready: dict[str, Any] = ray.get(ref)  # ready: ray.wait returned it, so no blocking
+        except ray.exceptions.RayError as err:
+            # Bounded like jobs: a worker that cannot even start (dist-pgkm not importable on a
+            # node, a broken environment) would otherwise be replaced forever.
+            self.start_failures += 1
+            if self.start_failures >= self.options.max_attempts * max(1, len(self.slots)):
+                raise DistributedError(
+                    f"Ray workers failed to start {self.start_failures} times (last: {err}). "
+                    "Every node must have the same Python environment as the driver, with "
+                    "dist-pgkm installed."
+                ) from err
+            logger.warning("Worker %d failed to start (%s); starting another", slot.index, err)
+            self._replace(slot)
+            return
+        node = ready["node_ip"]
+        _check_worker(ready, self.model, node)
+        slot.info = WorkerInfo(slot.index, ready["pid"], node)
+        logger.info("Worker %d ready: pid %d on %s", slot.index, slot.info.pid, node)
+        if self.tracker is not None:
+            self.tracker.worker_ready(slot.info.label, node)
+
+    def _on_result(self, slot: _Slot, ref: Any) -> bool:
+        """Hand a finished job's result on; False when it was lost and went back to the queue."""
+        job = slot.job
+        assert job is not None
+        assert slot.info is not None
+        try:
+            result: JobResult = ray.get(ref)  # ready: ray.wait returned it
+        except ray.exceptions.RayTaskError as err:
+            # The job itself raised: a deterministic error that a retry would only repeat.
+            cause = err.cause if isinstance(err.cause, BaseException) else err
+            raise cause from None
+        except (
+            ray.exceptions.RayActorError,
+            ray.exceptions.WorkerCrashedError,
+            ray.exceptions.OutOfMemoryError,
+        ) as err:
+            attempts = self.attempts.get(job.name, 0) + 1
+            self.attempts[job.name] = attempts
+            where = slot.info.node_ip
+            if attempts >= self.options.max_attempts:
+                raise DistributedError(
+                    f"Layer {job.name} {job.shape} lost its worker {attempts} times (last on "
+                    f"{where}: {type(err).__name__}); not retrying it again. A job that kills "
+                    "its worker usually runs out of memory: give workers more memory (fewer "
+                    "workers per node), or skip the layer with a `skip: true` rule."
+                ) from err
+            logger.warning(
+                "Worker %d on %s died running %s (attempt %d of %d); re-queueing it",
+                slot.index,
+                where,
+                job.name,
+                attempts,
+                self.options.max_attempts,
+            )
+            self.queue.appendleft(job)
+            self._replace(slot)
+            return False
+        except ray.exceptions.ObjectLostError as err:
+            # The job finished but its node died before the result was fetched: not its fault.
+            logger.warning("Result of %s was lost (%s); re-queueing it", job.name, err)
+            self.queue.appendleft(job)
+            self._replace(slot)
+            return False
+        slot.job = None
+        self.on_result(job, result)
+        if self.tracker is not None:
+            self.tracker.finished(job, slot.info.label, result.seconds)
+        return True
+
+    def _replace(self, slot: _Slot) -> None:
+        for ref, index in list(self.pending.items()):
+            if index == slot.index:
+                del self.pending[ref]
+        del self.slots[slot.index]
+        ray.kill(slot.actor)
+        if slot.info is not None and self.tracker is not None:
+            self.tracker.worker_lost(slot.info.label)
+        self._start_actor()
+
+    def _check_placement(self) -> None:
+        """Fail when no actor has been alive for ``placement_timeout``: nothing can run."""
+        if any(slot.info is not None for slot in self.slots.values()):
+            self.no_worker_since = None
+            return
+        now = time.monotonic()
+        if self.no_worker_since is None:
+            self.no_worker_since = now
+            return
+        timeout = self.options.placement_timeout
+        if now - self.no_worker_since < timeout:
+            return
+        gpus = self.options.gpus_per_worker
+        want = f"{gpus} GPU" if gpus > 0 else "1 CPU"
+        raise DistributedError(
+            f"No Ray worker could be placed in {timeout:.0f} s: each asks for {want}, and the "
+            f"cluster has {_resources()} in total, {_free_resources()} free. Add nodes with "
+            "those resources, or lower --gpus-per-worker (0 runs on CPUs)."
+        )
 
 
-def _replace(
-    state: _State, slot: _Slot, model: str, config: QuantizeConfig, options: RayOptions
-) -> None:
-    for ref, index in list(state.pending.items()):
-        if index == slot.index:
-            del state.pending[ref]
-    del state.slots[slot.index]
-    ray.kill(slot.actor)
-    _start_actor(state, model, config, options)
-
-
-def _check_placement(state: _State, options: RayOptions) -> None:
-    """Fail when no actor has been alive for ``placement_timeout``: nothing can run."""
-    if any(slot.info is not None for slot in state.slots.values()):
-        state.no_worker_since = None
-        return
-    now = time.monotonic()
-    if state.no_worker_since is None:
-        state.no_worker_since = now
-        return
-    if now - state.no_worker_since < options.placement_timeout:
-        return
-    want = f"{options.gpus_per_worker} GPU" if options.gpus_per_worker > 0 else "1 CPU"
-    raise DistributedError(
-        f"No Ray worker could be placed in {options.placement_timeout:.0f} s: each asks for "
-        f"{want}, and the cluster has {_resources()} in total, "
-        f"{_free_resources()} free. Add nodes with those resources, or lower "
-        "--gpus-per-worker (0 runs on CPUs)."
-    )
+def _check_worker(ready: dict[str, Any], model: str, node: str) -> None:
+    """A worker must run what the driver runs and see the model where the driver does."""
+    here = versions()
+    theirs: dict[str, str] = ready["versions"]
+    if differ := [name for name in here if theirs.get(name) != here[name]]:
+        listed = ", ".join(f"{n} {theirs.get(n)} there but {here[n]} here" for n in differ)
+        raise DistributedError(
+            f"A Ray worker on node {node} runs other versions than this driver: {listed}. "
+            "Different versions can quantize to different bytes. Install the same versions "
+            f"on every node (e.g. pip install dist-pgkm=={here['dist-pgkm']} "
+            f"torch=={here['torch']}), or run the driver in the cluster's environment."
+        )
+    if ready["model_error"] is not None:
+        raise DistributedError(
+            f"A Ray worker on node {node} cannot read the model at {model}: "
+            f"{ready['model_error']} Workers open the model by path: put it on a file system "
+            "every node mounts at the same path (or copy it to that path on every node)."
+        )

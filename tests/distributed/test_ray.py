@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -27,13 +29,13 @@ psutil = pytest.importorskip("psutil", reason="the fault tests find processes wi
 from dist_pgkm.config.quantize import QuantizeConfig  # noqa: E402
 from dist_pgkm.distributed.coordinator import quantize_model  # noqa: E402
 from dist_pgkm.distributed.plan import plan_run  # noqa: E402
-from dist_pgkm.distributed.ray_executor import RayOptions, run_on_ray  # noqa: E402
+from dist_pgkm.distributed.ray_executor import TEMP_PREFIX, RayOptions, run_on_ray  # noqa: E402
 from dist_pgkm.errors import DistributedError, InvalidInputError  # noqa: E402
 from dist_pgkm.models.layers import find_layers  # noqa: E402
 from dist_pgkm.models.source import open_source  # noqa: E402
 
-from .cluster import LoopbackCluster, free_port  # noqa: E402
-from .conftest import CONFIG, checkpoint_bytes  # noqa: E402
+from .cluster import RAY_ENV, LoopbackCluster, free_port, wait_for  # noqa: E402
+from .conftest import CONFIG, N_JOBS, checkpoint_bytes  # noqa: E402
 
 
 def _n_shards(out: Path) -> int:
@@ -86,6 +88,12 @@ def test_embedded_two_workers_match_in_process(
     summary = quantize_model(model, config, out, workers=2)
     assert len(summary.plan.jobs) == len(list((out / "shards").iterdir()))
     assert checkpoint_bytes(out) == checkpoint_bytes(reference)
+    # Both workers ran jobs; every job is counted once, with the time the worker reported.
+    workers = summary.timing["workers"]
+    assert sorted(w["worker"] for w in workers) == ["w0", "w1"]
+    assert all(w["jobs"] >= 1 and 0 <= w["idle_share"] < 1 for w in workers)
+    assert sum(w["jobs"] for w in workers) == N_JOBS
+    assert set(summary.timing["layer_seconds"]) == {job.name for job in summary.plan.jobs}
 
 
 def test_killed_worker_job_is_rerun(
@@ -221,3 +229,79 @@ def test_address_auto_reads_ray_address(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.delenv("RAY_ADDRESS")
     with pytest.raises(DistributedError, match="RAY_ADDRESS, which is not set"):
         resolve_address("auto")
+
+
+# --- the driver dies; workers that differ from the driver ---------------------------------------
+
+
+def test_killed_driver_resumes_to_the_same_bytes(tmp_path: Path, reference: Path) -> None:
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(json.dumps(CONFIG))
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "dist_pgkm.cli", "quantize", "minilm-l6", "--config", str(cfg)]
+    cmd += ["--out", str(out), "--workers", "2"]
+    env = {**os.environ, **RAY_ENV}
+    driver = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: _n_shards(out) >= 3 or driver.poll() is not None, 240, "3 shards")
+        assert driver.poll() is None, "the run ended before the driver could be killed"
+        tree = psutil.Process(driver.pid).children(recursive=True)
+        os.kill(driver.pid, signal.SIGKILL)
+        driver.wait(timeout=10)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    assert 3 <= _n_shards(out) < N_JOBS
+    stale = list(Path(tempfile.gettempdir()).glob(f"{TEMP_PREFIX}{driver.pid}-*"))
+    assert len(stale) == 1  # the killed driver's embedded Ray could not clean up
+
+    rerun = subprocess.run(
+        [*cmd, "--resume", "--json", str(tmp_path / "summary.json")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert rerun.returncode == 0, rerun.stderr
+    assert not stale[0].exists()  # removed by the next run, as its driver's PID is gone
+    # The killed driver's Ray processes share its fate (Ray's agents give up on the dead GCS
+    # after about a minute): nothing of it is left.
+    _, alive = psutil.wait_procs(tree, timeout=120)
+    assert [p.pid for p in alive if p.status() != psutil.STATUS_ZOMBIE] == []
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["done_before"] >= 3
+    assert sum(w["jobs"] for w in summary["timing"]["workers"]) == N_JOBS - summary["done_before"]
+    assert checkpoint_bytes(out) == checkpoint_bytes(reference)
+
+
+def test_worker_with_another_dist_pgkm_version_is_refused(
+    tmp_path: Path, model: Path, config: QuantizeConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import dist_pgkm
+
+    # A real second installation: workers import this copy first (PYTHONPATH; and Ray puts the
+    # driver's working directory first on workers' sys.path, so not the repository), while the
+    # driver already runs the installed one.
+    other = tmp_path / "site" / "dist_pgkm"
+    shutil.copytree(Path(dist_pgkm.__file__).parent, other)
+    init = other / "__init__.py"
+    init.write_text(
+        init.read_text().replace(
+            f'__version__ = "{dist_pgkm.__version__}"', '__version__ = "0.0.0+other"'
+        )
+    )
+    monkeypatch.setenv("PYTHONPATH", str(other.parent))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DistributedError, match=r"dist-pgkm 0\.0\.0\+other there but") as err:
+        quantize_model(model, config, tmp_path / "out", workers=1)
+    assert f"pip install dist-pgkm=={dist_pgkm.__version__}" in str(err.value)
+
+
+def test_workers_that_cannot_read_the_model(
+    tmp_path: Path, model: Path, config: QuantizeConfig
+) -> None:
+    jobs = plan_run(find_layers(open_source(model)), config).jobs
+    # The driver planned from `model`; the workers are given a path their node lacks.
+    missing = tmp_path / "not-on-this-node"
+    with pytest.raises(DistributedError, match=r"cannot read the model at .*not-on-this-node"):
+        run_on_ray(jobs, str(missing), config, RayOptions(workers=1), lambda job, result: None)

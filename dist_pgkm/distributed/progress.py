@@ -1,0 +1,225 @@
+"""What a run is doing, for the live display and the end-of-run summary (pure: no Ray).
+
+The executors report four events to a :class:`RunTracker`: a worker is ready, a job is
+handed to it, its result arrives, a worker is lost. From those the tracker answers "how far,
+how fast, how long still" at any moment (:meth:`RunTracker.snapshot`) and, at the end, where
+the time went (:meth:`RunTracker.summary`): time per layer, per worker, and the share of each
+worker's life it spent waiting.
+
+The ETA weighs layers by the plan's estimated cost, not by count: one embedding can cost as
+much as fifty attention projections.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from dist_pgkm.distributed.plan import LayerJob
+
+__all__ = ["LayerTime", "ProgressSnapshot", "RunTracker", "WorkerActivity", "WorkerStats"]
+
+
+@dataclass
+class WorkerStats:
+    """One worker over the run (an in-process run has one, ``local``)."""
+
+    label: str
+    node: str
+    ready_at: float
+    jobs: int = 0
+    busy_seconds: float = 0.0
+    ended_at: float | None = None
+    lost: bool = False
+    job: str | None = None
+    job_since: float = 0.0
+
+    def alive_seconds(self, now: float) -> float:
+        return max(0.0, (self.ended_at if self.ended_at is not None else now) - self.ready_at)
+
+    def as_dict(self, now: float) -> dict[str, Any]:
+        alive = self.alive_seconds(now)
+        return {
+            "worker": self.label,
+            "node": self.node,
+            "jobs": self.jobs,
+            "busy_seconds": round(self.busy_seconds, 3),
+            "alive_seconds": round(alive, 3),
+            "idle_share": round(1.0 - self.busy_seconds / alive, 4) if alive > 0 else 0.0,
+            "lost": self.lost,
+        }
+
+
+@dataclass(frozen=True)
+class LayerTime:
+    """A finished layer: where it ran and how long its job took there."""
+
+    name: str
+    worker: str
+    seconds: float
+    n_weights: int
+
+
+@dataclass(frozen=True)
+class WorkerActivity:
+    """A live worker as the display shows it: its current layer (None: idle)."""
+
+    label: str
+    node: str
+    job: str | None
+    job_seconds: float
+    jobs_done: int
+
+
+@dataclass(frozen=True)
+class ProgressSnapshot:
+    """The run at one moment."""
+
+    done: int
+    total: int
+    description: str
+    elapsed: float
+    weights_per_second: float
+    eta_seconds: float | None
+    workers: tuple[WorkerActivity, ...]
+    last_finished: LayerTime | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.done >= self.total
+
+
+Listener = Callable[[ProgressSnapshot], None]
+
+
+@dataclass
+class RunTracker:
+    """Collects the executor's events; the single source of progress and timing figures.
+
+    Args:
+        jobs: Every job of the plan (finished ones included, for the totals).
+        done: Names of the jobs already finished before this call (a resumed run).
+        listener: Called with a fresh snapshot after every event.
+        clock: Seconds, monotonic (tests pass their own).
+    """
+
+    jobs: Sequence[LayerJob]
+    done: set[str] = field(default_factory=set)
+    listener: Listener | None = None
+    clock: Callable[[], float] = time.monotonic
+    started: float = field(init=False)
+    workers: dict[str, WorkerStats] = field(init=False, default_factory=dict)
+    layers: list[LayerTime] = field(init=False, default_factory=list)
+    description: str = field(init=False, default="quantizing")
+    _cost: dict[str, float] = field(init=False)
+    _cost_left: float = field(init=False)
+    _cost_done: float = field(init=False, default=0.0)
+    _weights_done: int = field(init=False, default=0)
+    _first_ready: float | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        self.started = self.clock()
+        self.done = set(self.done)
+        self._cost = {job.name: job.est_cost for job in self.jobs}
+        self._cost_left = sum(c for name, c in self._cost.items() if name not in self.done)
+
+    # --- events -------------------------------------------------------------------------------
+
+    def worker_ready(self, label: str, node: str) -> None:
+        now = self.clock()
+        if self._first_ready is None:
+            self._first_ready = now
+        self.workers[label] = WorkerStats(label, node, ready_at=now)
+        self._notify()
+
+    def dispatched(self, job: LayerJob, label: str) -> None:
+        worker = self.workers[label]
+        worker.job, worker.job_since = job.name, self.clock()
+        self._notify()
+
+    def finished(self, job: LayerJob, label: str, seconds: float) -> None:
+        """A job's result arrived; ``seconds`` is the job's own compute time on the worker."""
+        worker = self.workers[label]
+        worker.jobs += 1
+        worker.busy_seconds += seconds
+        worker.job = None
+        self.done.add(job.name)
+        self.layers.append(LayerTime(job.name, label, seconds, job.n_weights))
+        self._cost_left -= self._cost.get(job.name, 0.0)
+        self._cost_done += self._cost.get(job.name, 0.0)
+        self._weights_done += job.n_weights
+        self._notify()
+
+    def worker_lost(self, label: str) -> None:
+        worker = self.workers.get(label)
+        if worker is not None:
+            worker.lost, worker.ended_at, worker.job = True, self.clock(), None
+        self._notify()
+
+    def stage(self, description: str) -> None:
+        """A new phase of the run (``merging``), shown instead of ``quantizing``."""
+        self.description = description
+        self._notify()
+
+    def close(self) -> None:
+        """The quantize phase is over: stop every worker's clock."""
+        now = self.clock()
+        for worker in self.workers.values():
+            if worker.ended_at is None:
+                worker.ended_at = now
+
+    # --- views --------------------------------------------------------------------------------
+
+    def snapshot(self) -> ProgressSnapshot:
+        now = self.clock()
+        elapsed = now - self.started
+        # Rates count from the first ready worker: starting Ray is not quantizing.
+        working = now - (self._first_ready if self._first_ready is not None else now)
+        eta: float | None = None
+        if self._cost_left <= 0:
+            eta = 0.0
+        elif self._cost_done > 0 and working > 0:
+            eta = self._cost_left / (self._cost_done / working)
+        return ProgressSnapshot(
+            done=len(self.done),
+            total=len(self.jobs),
+            description=self.description,
+            elapsed=elapsed,
+            weights_per_second=self._weights_done / working if working > 0 else 0.0,
+            eta_seconds=eta,
+            workers=tuple(
+                WorkerActivity(
+                    w.label,
+                    w.node,
+                    w.job,
+                    now - w.job_since if w.job is not None else 0.0,
+                    w.jobs,
+                )
+                for w in self.workers.values()
+                if not w.lost
+            ),
+            last_finished=self.layers[-1] if self.layers else None,
+        )
+
+    def summary(self, slowest: int = 10) -> dict[str, Any]:
+        """Where the time went: per worker (busy, alive, idle share) and the slowest layers."""
+        now = self.clock()
+        busy = sum(w.busy_seconds for w in self.workers.values())
+        alive = sum(w.alive_seconds(now) for w in self.workers.values())
+        layers = sorted(self.layers, key=lambda t: t.seconds, reverse=True)
+        return {
+            "workers": [w.as_dict(now) for w in self.workers.values()],
+            "busy_seconds": round(busy, 3),
+            "idle_share": round(1.0 - busy / alive, 4) if alive > 0 else 0.0,
+            "layer_seconds": {t.name: round(t.seconds, 3) for t in self.layers},
+            "slowest_layers": [
+                {"name": t.name, "worker": t.worker, "seconds": round(t.seconds, 3)}
+                for t in layers[:slowest]
+            ],
+        }
+
+    def _notify(self) -> None:
+        if self.listener is not None:
+            self.listener(self.snapshot())

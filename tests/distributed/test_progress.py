@@ -1,0 +1,124 @@
+"""The run tracker's figures, on a scripted run with a hand-driven clock, and their display."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+
+from dist_pgkm.console import format_duration, quantize_progress, worker_summary_lines
+from dist_pgkm.distributed.plan import LayerJob
+from dist_pgkm.distributed.progress import ProgressSnapshot, RunTracker
+
+
+def _job(name: str, cost: float, n_weights: int) -> LayerJob:
+    return LayerJob(name, "linear", f"{name}.weight", (n_weights,), 1, 2, 0, (), cost)
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> _Clock:
+    return _Clock()
+
+
+# Costs 6 : 3 : 1 (the ETA weighs layers by cost); "done0" was finished by an earlier call.
+JOBS = [_job("big", 6, 600), _job("mid", 3, 300), _job("small", 1, 100), _job("done0", 5, 500)]
+
+
+def test_eta_weighs_layers_by_cost_and_ignores_startup(clock: _Clock) -> None:
+    snaps: list[ProgressSnapshot] = []
+    t = RunTracker(JOBS, done={"done0"}, listener=snaps.append, clock=clock)
+    clock.now += 10  # 10 s of Ray start-up: not part of any rate
+    t.worker_ready("w0", "10.0.0.1")
+    t.worker_ready("w1", "10.0.0.2")
+    t.dispatched(JOBS[0], "w0")
+    t.dispatched(JOBS[1], "w1")
+    clock.now += 3
+    t.finished(JOBS[1], "w1", seconds=3.0)
+    snap = snaps[-1]
+    assert (snap.done, snap.total) == (2, 4)
+    # 3 cost units in 3 s of work; 7 left -> 7 s. 300 weights in 3 s.
+    assert snap.eta_seconds == pytest.approx(7.0)
+    assert snap.weights_per_second == pytest.approx(100.0)
+    assert snap.elapsed == pytest.approx(13.0)
+    assert [(w.label, w.job) for w in snap.workers] == [("w0", "big"), ("w1", None)]
+    assert snap.workers[0].job_seconds == pytest.approx(3.0)
+    assert snap.last_finished is not None
+    assert snap.last_finished.name == "mid"
+
+
+def test_summary_per_worker_idle_share_and_lost_workers(clock: _Clock) -> None:
+    t = RunTracker(JOBS[:3], clock=clock)
+    t.worker_ready("w0", "a")
+    t.worker_ready("w1", "b")
+    t.dispatched(JOBS[0], "w0")
+    t.dispatched(JOBS[1], "w1")
+    clock.now += 2
+    t.worker_lost("w1")  # its job goes elsewhere; its 2 s were not work that counted
+    t.worker_ready("w2", "a")
+    t.dispatched(JOBS[1], "w2")
+    clock.now += 4
+    t.finished(JOBS[0], "w0", seconds=6.0)
+    t.finished(JOBS[1], "w2", seconds=4.0)
+    t.dispatched(JOBS[2], "w0")
+    clock.now += 1
+    t.finished(JOBS[2], "w0", seconds=1.0)
+    clock.now += 1  # 1 s of idle before the phase ends
+    t.close()
+    clock.now += 50  # merging: not counted as worker time
+    s = t.summary()
+    workers = {w["worker"]: w for w in s["workers"]}
+    assert workers["w0"]["jobs"] == 2
+    assert workers["w0"]["busy_seconds"] == pytest.approx(7.0)
+    assert workers["w0"]["alive_seconds"] == pytest.approx(8.0)
+    assert workers["w0"]["idle_share"] == pytest.approx(1 / 8, abs=1e-4)
+    assert workers["w1"] == {**workers["w1"], "jobs": 0, "lost": True, "alive_seconds": 2.0}
+    assert workers["w2"]["alive_seconds"] == pytest.approx(6.0)
+    # all workers: busy 11 s of 8 + 2 + 6 = 16 s alive
+    assert s["idle_share"] == pytest.approx(1 - 11 / 16, abs=1e-4)
+    assert [x["name"] for x in s["slowest_layers"]] == ["big", "mid", "small"]
+    assert s["layer_seconds"] == {"big": 6.0, "mid": 4.0, "small": 1.0}
+    assert t.snapshot().eta_seconds == 0.0
+
+
+def test_log_lines_one_per_finished_layer(clock: _Clock) -> None:
+    out = io.StringIO()  # not a terminal: plain lines, as in a SLURM or Ray job log
+    with quantize_progress(out) as listener:
+        t = RunTracker(JOBS[:2], listener=listener, clock=clock)
+        t.worker_ready("w0", "a")
+        t.dispatched(JOBS[0], "w0")
+        clock.now += 6
+        t.finished(JOBS[0], "w0", seconds=6.0)
+        t.dispatched(JOBS[1], "w0")
+    assert out.getvalue() == "[1/2] big 6.0 s on w0 · 0.00 M weights/s · eta 0:03\n"
+
+
+def test_summary_lines_and_durations() -> None:
+    timing = {
+        "workers": [
+            {
+                "worker": "w0",
+                "node": "a",
+                "jobs": 2,
+                "busy_seconds": 7.0,
+                "alive_seconds": 8.0,
+                "idle_share": 0.125,
+                "lost": False,
+            }
+        ],
+        "idle_share": 0.125,
+        "slowest_layers": [{"name": "big", "worker": "w0", "seconds": 6.0}],
+    }
+    assert worker_summary_lines(timing) == [
+        "  w0 on a: 2 layers, busy 7.0 s of 8.0 s, idle 12%",
+        "  idle share over all workers: 12%",
+        "  slowest layers: big 6.0 s",
+    ]
+    assert [format_duration(x) for x in (None, 59.6, 3725)] == ["?", "1:00", "1:02:05"]
