@@ -8,7 +8,8 @@ import sys
 
 CODE = """
 import json, sys
-import dist_pgkm, dist_pgkm.kmeans, dist_pgkm.pgkm, dist_pgkm.pq, dist_pgkm.config
+import dist_pgkm, dist_pgkm.kmeans, dist_pgkm.pgkm, dist_pgkm.pq, dist_pgkm.noise
+import dist_pgkm.config
 import torch
 heavy = ("ray", "deepspeed", "faiss", "transformers", "safetensors")
 heavy = [m for m in heavy if m in sys.modules]

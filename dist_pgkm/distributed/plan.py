@@ -7,7 +7,6 @@ whatever executes the jobs, in whatever order, after whatever restarts.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -16,14 +15,14 @@ from typing import Any
 from dist_pgkm.config.quantize import QuantizeConfig
 from dist_pgkm.errors import ConfigError
 from dist_pgkm.models.layers import LayerInfo
+from dist_pgkm.utils.seeding import derive_seed
 
 __all__ = ["LayerJob", "Plan", "SkippedLayer", "layer_seed", "plan_run"]
 
 
 def layer_seed(run_seed: int, name: str) -> int:
     """A layer's clustering seed: 63 bits of ``sha256(f"{run_seed}:{name}")``."""
-    digest = hashlib.sha256(f"{run_seed}:{name}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+    return derive_seed(run_seed, name)
 
 
 @dataclass(frozen=True)

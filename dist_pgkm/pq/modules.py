@@ -6,7 +6,8 @@ A PQ module's state dict *is* its checkpoint form: ``centroids`` (a trainable ``
 (``load_state_dict``, transformers, DeepSpeed) yields a working module; the unpacked ``int32``
 ``index`` used by the forward is derived from ``codes`` and never saved. The dense weight is
 rebuilt on demand as ``centroids[index]`` in the iPQ layout, so autograd gives every centroid
-the sum of its members' gradients.
+the sum of its members' gradients; :class:`PQConv2d` divides that by the member count (the
+mean, as iPQ does for convolutions: DESIGN.md §4).
 """
 
 from __future__ import annotations
@@ -284,7 +285,15 @@ class PQConv2d(PQModule):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(x, self.weight.to(x.dtype), self.bias, **self.conv)
+        centroids: torch.Tensor = self.centroids
+        if centroids.requires_grad and torch.is_grad_enabled():
+            # Same values; each codeword's gradient becomes the mean of its members' (not the
+            # sum): c + (c - c.detach()) * (1/n - 1) has value c and derivative 1/n.
+            counts = torch.bincount(self.index, minlength=centroids.shape[0]).clamp_(min=1)
+            scale = counts.reciprocal().to(centroids.dtype)[:, None]
+            centroids = centroids.detach() + (centroids - centroids.detach()) * scale
+        weight = from_subvectors(centroids[self.index], self.weight_shape)
+        return F.conv2d(x, weight.to(x.dtype), self.bias, **self.conv)
 
 
 PQ_MODULES: dict[type[nn.Module], type[PQModule]] = {

@@ -1,1 +1,1 @@
-"""Small shared helpers (today: lazy imports of optional dependencies)."""
+"""Small shared helpers: lazy imports of optional dependencies, seeds derived from names."""
