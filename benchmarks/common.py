@@ -25,6 +25,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from dist_pgkm.errors import InvalidInputError
+from dist_pgkm.utils.memory import format_bytes
 
 __all__ = [
     "MARKDOWN_INTRO",
@@ -155,17 +156,6 @@ def machine_info(extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
     }
     info.update(extra or {})
     return info
-
-
-def format_bytes(n: float | None) -> str:
-    """``1.23 GB``-style text (decimal units); ``?`` for None."""
-    if n is None:
-        return "?"
-    for unit in ("B", "kB", "MB", "GB"):
-        if abs(n) < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000
-    raise AssertionError("unreachable")
 
 
 def machine_line(machine: Mapping[str, Any], commit: str | None, date: str) -> str:

@@ -248,11 +248,9 @@ def _byte_size(text: str) -> int:
 
 
 def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    raise AssertionError("unreachable")
+    from dist_pgkm.utils.memory import format_bytes
+
+    return format_bytes(n, digits=1)
 
 
 _PACKAGED_MODELS = {"smollm2-135m": "smollm2_dir", "minilm-l6": "minilm_dir"}
@@ -287,6 +285,7 @@ def _run_quantize(args: argparse.Namespace) -> int:
             workers=args.workers,
             address=args.address,
             gpus_per_worker=args.gpus_per_worker,
+            cpus_per_worker=args.cpus_per_worker,
         )
     info = describe(args.out)
     console = _stdout_console()
@@ -373,6 +372,13 @@ def _register_quantize(subparsers: Subparsers, parents: list[argparse.ArgumentPa
         default=0.0,
         metavar="F",
         help="GPUs each Ray worker reserves (default 0: CPU workers)",
+    )
+    p.add_argument(
+        "--cpus-per-worker",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="CPUs each CPU Ray worker reserves and uses as threads (default 1)",
     )
     p.add_argument("--json", type=Path, metavar="PATH", help="write the run summary as JSON")
     p.set_defaults(handler=_run_quantize)

@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from typing import Any, TextIO
 
 from dist_pgkm.distributed.progress import ProgressSnapshot
+from dist_pgkm.utils.memory import format_bytes
 
 __all__ = ["format_duration", "quantize_progress", "worker_summary_lines"]
 
@@ -114,10 +115,11 @@ def worker_summary_lines(timing: dict[str, Any], slowest: int = 3) -> list[str]:
     lines = []
     for w in timing.get("workers", []):
         lost = " (lost)" if w["lost"] else ""
+        rss = f", peak RSS {format_bytes(w['peak_rss_bytes'], 1)}" if w["peak_rss_bytes"] else ""
         lines.append(
             f"  {w['worker']} on {w['node']}{lost}: {w['jobs']} layers, busy "
             f"{w['busy_seconds']:.1f} s of {w['alive_seconds']:.1f} s, idle "
-            f"{100 * w['idle_share']:.0f}%"
+            f"{100 * w['idle_share']:.0f}%{rss}"
         )
     if timing.get("workers"):
         lines.append(f"  idle share over all workers: {100 * timing['idle_share']:.0f}%")

@@ -112,6 +112,7 @@ def quantize_model(
     workers: int = 0,
     address: str | None = None,
     gpus_per_worker: float = 0.0,
+    cpus_per_worker: int = 1,
 ) -> RunSummary:
     """Quantize the selected layers of ``model`` into one checkpoint in ``out_dir``.
 
@@ -128,6 +129,7 @@ def quantize_model(
             workers on the cluster at ``address`` (0 there: one per CPU or GPU slot).
         address: ``HOST:PORT`` of a Ray cluster to join instead of running on this machine.
         gpus_per_worker: GPUs each Ray worker reserves (0: CPU workers).
+        cpus_per_worker: CPUs each CPU Ray worker reserves; its kernels use as many threads.
 
     Returns:
         What was done, with timings and peak memory.
@@ -141,11 +143,12 @@ def quantize_model(
             be placed, or a layer's worker died on every attempt.
     """
     start = time.perf_counter()
-    if workers < 0 or gpus_per_worker < 0:
+    if workers < 0 or gpus_per_worker < 0 or cpus_per_worker < 1:
         raise InvalidInputError(
-            f"workers={workers}, gpus_per_worker={gpus_per_worker}: both must be >= 0."
+            f"workers={workers}, gpus_per_worker={gpus_per_worker}, cpus_per_worker="
+            f"{cpus_per_worker}: workers and GPUs must be >= 0, CPUs per worker >= 1."
         )
-    executor = _Executor(workers, address, gpus_per_worker)
+    executor = _Executor(workers, address, gpus_per_worker, cpus_per_worker)
     if executor.in_process and gpus_per_worker > 0:
         raise InvalidInputError(
             f"gpus_per_worker={gpus_per_worker} without Ray workers: GPUs are given to Ray "
@@ -180,6 +183,7 @@ class _Executor:
     workers: int
     address: str | None
     gpus_per_worker: float
+    cpus_per_worker: int
 
     @property
     def in_process(self) -> bool:
@@ -187,7 +191,10 @@ class _Executor:
 
     def options(self) -> RayOptions:
         options: RayOptions = _ray_executor().RayOptions(
-            workers=self.workers, address=self.address, gpus_per_worker=self.gpus_per_worker
+            workers=self.workers,
+            address=self.address,
+            gpus_per_worker=self.gpus_per_worker,
+            cpus_per_worker=self.cpus_per_worker,
         )
         return options
 
@@ -243,7 +250,7 @@ def _run(
             result = run_job(job, weight, config)
             del weight
             record(job, result)
-            tracker.finished(job, "local", result.seconds)
+            tracker.finished(job, "local", result.seconds, result.peak_rss_bytes)
     elif todo:
         _run_on_ray(todo, model, config, executor, record, tracker)
     tracker.close()

@@ -32,6 +32,7 @@ class WorkerStats:
     jobs: int = 0
     busy_seconds: float = 0.0
     ended_at: float | None = None
+    peak_rss_bytes: int = 0
     lost: bool = False
     job: str | None = None
     job_since: float = 0.0
@@ -48,6 +49,7 @@ class WorkerStats:
             "busy_seconds": round(self.busy_seconds, 3),
             "alive_seconds": round(alive, 3),
             "idle_share": round(1.0 - self.busy_seconds / alive, 4) if alive > 0 else 0.0,
+            "peak_rss_bytes": self.peak_rss_bytes,
             "lost": self.lost,
         }
 
@@ -139,9 +141,10 @@ class RunTracker:
         worker.job, worker.job_since = job.name, self.clock()
         self._notify()
 
-    def finished(self, job: LayerJob, label: str, seconds: float) -> None:
-        """A job's result arrived; ``seconds`` is the job's own compute time on the worker."""
+    def finished(self, job: LayerJob, label: str, seconds: float, peak_rss: int = 0) -> None:
+        """A job's result arrived: its compute time and its worker's peak memory so far."""
         worker = self.workers[label]
+        worker.peak_rss_bytes = max(worker.peak_rss_bytes, peak_rss)
         worker.jobs += 1
         worker.busy_seconds += seconds
         worker.job = None

@@ -40,6 +40,7 @@ from dist_pgkm.distributed.progress import RunTracker
 from dist_pgkm.distributed.worker import JobResult, run_job
 from dist_pgkm.errors import DistPGKMError, DistributedError
 from dist_pgkm.models.source import ModelSource, open_source
+from dist_pgkm.utils.optional import set_threads
 
 __all__ = ["RayOptions", "WorkerInfo", "preflight", "resolve_address", "run_on_ray"]
 
@@ -63,7 +64,8 @@ class RayOptions:
         address: ``HOST:PORT`` of a running cluster's head (GCS), ``"auto"`` for the one in
             ``RAY_ADDRESS`` (set inside Ray jobs and by the launchers), or None for an embedded
             Ray on this machine with ``workers`` CPUs.
-        gpus_per_worker: GPUs each actor reserves (0: CPU actors, one CPU each).
+        gpus_per_worker: GPUs each actor reserves (0: CPU actors).
+        cpus_per_worker: CPUs each CPU actor reserves, and the threads its kernels use.
         max_attempts: Tries per job before a job whose worker dies every time fails the run.
         connect_timeout: Seconds to reach ``address`` before giving up.
         placement_timeout: Seconds without any live actor (none placed yet, or all lost and
@@ -73,6 +75,7 @@ class RayOptions:
     workers: int = 0
     address: str | None = None
     gpus_per_worker: float = 0.0
+    cpus_per_worker: int = 1
     max_attempts: int = 3
     connect_timeout: float = 10.0
     placement_timeout: float = 60.0
@@ -107,10 +110,11 @@ def versions() -> dict[str, str]:
 class _LayerWorker:
     """The actor: opens the model once, runs one job at a time."""
 
-    def __init__(self, model: str, config: QuantizeConfig) -> None:
+    def __init__(self, model: str, config: QuantizeConfig, threads: int) -> None:
         self._model = model
         self._config = config
         self._source: ModelSource | None = None
+        set_threads(threads)
 
     def ready(self) -> dict[str, Any]:
         """Once placed: process id, node, versions, and whether this node can read the model."""
@@ -271,7 +275,7 @@ def _ray_session(options: RayOptions) -> Iterator[int]:
                 temp_dir = tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-")
                 ray.init(
                     address="local",
-                    num_cpus=options.workers,
+                    num_cpus=options.workers * options.cpus_per_worker,
                     num_gpus=_local_gpus(options),
                     include_dashboard=False,
                     log_to_driver=False,
@@ -357,7 +361,7 @@ def _n_workers(options: RayOptions) -> int:
     if options.gpus_per_worker > 0:
         n = int(resources.get("GPU", 0.0) // options.gpus_per_worker)
     else:
-        n = int(resources.get("CPU", 0.0))
+        n = int(resources.get("CPU", 0.0) // options.cpus_per_worker)
     if n < 1:
         raise DistributedError(
             f"The cluster at {options.address} offers no slot for a worker (resources: "
@@ -425,13 +429,14 @@ class _Scheduler:
     def _start_actor(self) -> None:
         index = self.next_index
         self.next_index += 1
+        gpu = self.options.gpus_per_worker > 0
         actor_class: Any = ray.remote(_LayerWorker).options(
-            num_cpus=0 if self.options.gpus_per_worker > 0 else 1,
+            num_cpus=0 if gpu else self.options.cpus_per_worker,
             num_gpus=self.options.gpus_per_worker,
             max_restarts=0,  # the driver replaces lost actors itself, counting the jobs they held
             max_task_retries=0,
         )
-        actor = actor_class.remote(self.model, self.config)
+        actor = actor_class.remote(self.model, self.config, self.options.cpus_per_worker)
         ready_ref = actor.ready.remote()
         self.slots[index] = _Slot(index, actor, ready_ref, time.monotonic())
         self.pending[ready_ref] = index
@@ -518,7 +523,7 @@ class _Scheduler:
         slot.job = None
         self.on_result(job, result)
         if self.tracker is not None:
-            self.tracker.finished(job, slot.info.label, result.seconds)
+            self.tracker.finished(job, slot.info.label, result.seconds, result.peak_rss_bytes)
         return True
 
     def _replace(self, slot: _Slot) -> None:
@@ -544,7 +549,7 @@ class _Scheduler:
         if now - self.no_worker_since < timeout:
             return
         gpus = self.options.gpus_per_worker
-        want = f"{gpus} GPU" if gpus > 0 else "1 CPU"
+        want = f"{gpus} GPU" if gpus > 0 else f"{self.options.cpus_per_worker} CPU"
         raise DistributedError(
             f"No Ray worker could be placed in {timeout:.0f} s: each asks for {want}, and the "
             f"cluster has {_resources()} in total, {_free_resources()} free. Add nodes with "

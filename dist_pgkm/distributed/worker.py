@@ -14,18 +14,21 @@ from dist_pgkm.checkpoint.shard import encode_layer
 from dist_pgkm.config.quantize import QuantizeConfig
 from dist_pgkm.distributed.plan import LayerJob
 from dist_pgkm.pq.quantize import quantize_weight
+from dist_pgkm.utils.memory import peak_rss_bytes
 
 __all__ = ["JobResult", "run_job"]
 
 
 @dataclass
 class JobResult:
-    """A finished job: the shard's tensors and header metadata, and the time it took."""
+    """A finished job: the shard's tensors and header metadata, the time it took, and the
+    peak resident memory of the process that ran it (so far)."""
 
     name: str
     tensors: dict[str, torch.Tensor]
     meta: dict[str, str]
     seconds: float
+    peak_rss_bytes: int = 0
 
 
 def run_job(job: LayerJob, weight: torch.Tensor, config: QuantizeConfig) -> JobResult:
@@ -48,4 +51,5 @@ def run_job(job: LayerJob, weight: torch.Tensor, config: QuantizeConfig) -> JobR
         **config.method_options,
     )
     tensors, meta = encode_layer(job.name, q, config.centroid_dtype, kind=job.kind, k=job.k)
-    return JobResult(job.name, tensors, meta, time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    return JobResult(job.name, tensors, meta, seconds, peak_rss_bytes())

@@ -5,7 +5,18 @@ from __future__ import annotations
 import resource
 from pathlib import Path
 
-__all__ = ["peak_rss_bytes"]
+__all__ = ["format_bytes", "peak_rss_bytes"]
+
+
+def format_bytes(n: float | None, digits: int = 2) -> str:
+    """``1.23 GB``-style text (decimal units); ``?`` for None."""
+    if n is None:
+        return "?"
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.{digits}f} {unit}"
+        n /= 1000
+    raise AssertionError("unreachable")
 
 
 def peak_rss_bytes() -> int:

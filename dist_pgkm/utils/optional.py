@@ -8,7 +8,7 @@ from types import ModuleType
 
 from dist_pgkm.errors import BackendUnavailableError
 
-__all__ = ["faiss_available", "faiss_num_gpus", "import_faiss"]
+__all__ = ["faiss_available", "faiss_num_gpus", "import_faiss", "set_threads"]
 
 
 @cache
@@ -43,3 +43,12 @@ def faiss_num_gpus() -> int:
         return 0
     get = getattr(import_faiss(), "get_num_gpus", None)
     return int(get()) if get is not None else 0
+
+
+def set_threads(n: int) -> None:
+    """Use ``n`` threads for torch's CPU kernels and, when installed, faiss's OpenMP loops."""
+    import torch
+
+    torch.set_num_threads(n)
+    if faiss_available():
+        import_faiss().omp_set_num_threads(n)

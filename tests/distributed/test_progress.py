@@ -110,6 +110,7 @@ def test_summary_lines_and_durations() -> None:
                 "busy_seconds": 7.0,
                 "alive_seconds": 8.0,
                 "idle_share": 0.125,
+                "peak_rss_bytes": 1_234_000_000,
                 "lost": False,
             }
         ],
@@ -117,7 +118,7 @@ def test_summary_lines_and_durations() -> None:
         "slowest_layers": [{"name": "big", "worker": "w0", "seconds": 6.0}],
     }
     assert worker_summary_lines(timing) == [
-        "  w0 on a: 2 layers, busy 7.0 s of 8.0 s, idle 12%",
+        "  w0 on a: 2 layers, busy 7.0 s of 8.0 s, idle 12%, peak RSS 1.2 GB",
         "  idle share over all workers: 12%",
         "  slowest layers: big 6.0 s",
     ]
