@@ -467,6 +467,55 @@ def _run_bench_ptq(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_bench_scaling(args: argparse.Namespace) -> int:
+    from dist_pgkm.bench import scaling  # type: ignore[import-not-found, unused-ignore]
+    from dist_pgkm.bench.common import write_json  # type: ignore[import-not-found, unused-ignore]
+
+    options = scaling.ScalingOptions(
+        quick=args.quick,
+        preset=args.preset,
+        big=not args.no_big,
+        work_dir=args.work_dir,
+        command=shlex.join(["dist-pgkm", *args.argv]),
+    )
+    with _progress() as update:
+        report = scaling.run_benchmark(options, progress=update)
+    scaling.render_report(_stdout_console(), report)
+    if args.json is not None:
+        write_json(args.json, report.as_dict())
+    if args.md is not None:
+        scaling.write_markdown(args.md, report, args.md.parent / "scaling.md")
+    return 0
+
+
+def _register_bench_scaling(subparsers: Subparsers, parents: list[argparse.ArgumentParser]) -> None:
+    p = subparsers.add_parser(
+        "scaling",
+        parents=parents,
+        help="in-process vs Ray workers on SmolLM2, a cost model and projection, a 1.1B run",
+        description=(
+            "Quantize SmolLM2-135M in this process (2 threads, 1 thread) and on an embedded Ray "
+            "(1 and 2 workers); fit a per-layer cost model and project 7B/70B wall times on "
+            "GPUs; quantize a 1.1B-parameter Llama-shaped random checkpoint with 2 workers."
+        ),
+    )
+    p.add_argument("--quick", action="store_true", help="4 SmolLM2 cases, no 1.1B run (~6-8 min)")
+    p.add_argument("--preset", default="ptq-4bit.yaml", metavar="FILE", help="a file in configs/")
+    p.add_argument("--no-big", action="store_true", help="skip the 1.1B-parameter run")
+    p.add_argument("--json", type=Path, metavar="PATH", help="write the report as JSON")
+    p.add_argument(
+        "--md",
+        type=Path,
+        metavar="PATH",
+        help="rewrite the scaling section of this markdown file, and the projection in "
+        "scaling.md beside it",
+    )
+    p.add_argument(
+        "--work-dir", type=Path, default=None, metavar="DIR", help="where checkpoints go"
+    )
+    p.set_defaults(handler=_run_bench_scaling)
+
+
 def _register_bench_ptq(subparsers: Subparsers, parents: list[argparse.ArgumentParser]) -> None:
     from dist_pgkm.bench.ptq import MODELS  # type: ignore[import-not-found, unused-ignore]
 
@@ -626,6 +675,7 @@ def _register_export_dense(subparsers: Subparsers, parents: list[argparse.Argume
 _BENCHMARKS: tuple[Callable[[Subparsers, list[argparse.ArgumentParser]], None], ...] = (
     _register_bench_kmeans,
     _register_bench_ptq,
+    _register_bench_scaling,
 )
 
 
