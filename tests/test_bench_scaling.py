@@ -93,3 +93,38 @@ def test_projection_counts_the_distance_work_of_every_weight() -> None:
         lm_head * 256 * 15 / rate + lm_head * 2 / scaling.READ_BYTES_PER_S
     )
     assert row["wall_seconds"] >= row["tera_macs"] * 1e12 / rate / 64
+
+
+def test_big_run_and_report_on_a_small_llama(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The 1.1B step end to end (real CLI, 2 Ray workers) on a small shape, then the report."""
+    pytest.importorskip("ray", reason="Ray is not installed: pip install 'dist-pgkm[ray]'")
+    from dist_pgkm.config import load_config
+
+    shape = dict(hidden=64, inter=128, layers=2, heads=4, kv=2, vocab=512)
+    monkeypatch.setitem(scaling.LLAMA_SHAPES, "TinyLlama-1.1B", shape)
+    preset = scaling._CONFIGS / "ptq-4bit.yaml"
+    config = load_config(preset)
+    cost = {"seconds_per_mac": 1e-9, "seconds_per_weight": 1e-6}
+    big = scaling._big_run(tmp_path, preset, config, cost)
+    assert big["params"] == sum(math.prod(x.shape) for x in scaling.llama_layers(shape)) + 5 * 64
+    assert big["layers"] == 7 * 2 + 2
+    assert len(big["worker_peak_rss_bytes"]) == 2
+    assert 0 < big["driver_peak_rss_bytes"] < 3e9
+    assert 4.0 < big["bits_per_weight"] < 6.0  # 8-bit codes per 2 weights + fp16 codebooks
+    assert not (tmp_path / "llama-1.1b").exists()  # the 2 GB source is not left behind
+
+    report = scaling.ScalingReport("full", "cmd", {}, None, "today", "ptq-4bit", big=big)
+    report.runs = [
+        {**big, "case": case, "seconds": s, "layer_seconds": {}}
+        for case, s in (("in-process, 1 thread", 10.0), ("Ray, 1 worker x 1 CPU", 10.5),
+                        ("Ray, 2 workers x 1 CPU", 6.0))
+    ]  # fmt: skip
+    targets = {t.id: t for t in scaling.compute_targets(report)}
+    assert (targets["1"].measured, targets["1"].met) == (1.05, True)
+    assert (targets["2"].measured, targets["2"].met) == (1.75, True)
+    assert targets["3"].met is True
+    assert targets["4"].met is True
+    text = scaling.markdown_section(report)
+    assert "1.1B-parameter Llama-shaped checkpoint" in text
