@@ -93,6 +93,17 @@ class LoopbackCluster:
             stderr=subprocess.STDOUT,
         )
 
+    def _agent_port(self) -> list[str]:
+        """A free port for a node's dashboard agent, which the job API needs on the head.
+
+        Every agent also binds 127.0.0.1 on its port (52365 by default), so two nodes on one
+        machine, or another Ray on it, would take each other's port: the head's agent could
+        lose the race and job submissions then fail with "No available agent".
+        """
+        if self.dashboard_port is None:
+            return []
+        return [f"--dashboard-agent-listen-port={free_port('127.0.0.1')}"]
+
     def start(self) -> None:
         if self.dashboard_port is None:
             dashboard = ["--include-dashboard=false"]
@@ -101,6 +112,7 @@ class LoopbackCluster:
                 "--include-dashboard=true",
                 f"--dashboard-host={HEAD_IP}",
                 f"--dashboard-port={self.dashboard_port}",
+                *self._agent_port(),
             ]
         self.head = self._start(
             "--head",
@@ -112,7 +124,9 @@ class LoopbackCluster:
         wait_for(lambda: listening(HEAD_IP, self.port), 60, "the head's GCS")
         if self.dashboard_port is not None:
             wait_for(lambda: listening(HEAD_IP, self.dashboard_port or 0), 90, "the dashboard")
-        self.worker = self._start(f"--address={self.address}", f"--node-ip-address={WORKER_IP}")
+        self.worker = self._start(
+            f"--address={self.address}", f"--node-ip-address={WORKER_IP}", *self._agent_port()
+        )
         wait_for(lambda: self.raylet_pid(self.worker) is not None, 60, "the worker raylet")
 
     @staticmethod
