@@ -38,6 +38,17 @@ def _check_codes(codes: torch.Tensor, k: int, n_blocks: int, shape: tuple[int, .
         )
 
 
+def _gather(centroids: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``centroids[index]`` with a deterministic backward.
+
+    Advanced indexing backpropagates through ``index_put_(accumulate=True)``, whose CPU kernel
+    adds from several threads in no fixed order (measured on torch 2.13: 5 backward passes, 5
+    different gradients), so fine-tuning would not be reproducible and a resumed run would not
+    match an uninterrupted one. ``F.embedding``'s backward sorts the indices first.
+    """
+    return F.embedding(index, centroids)
+
+
 class PQModule(nn.Module):
     """A layer whose weight is ``centroids[codes]`` reshaped to ``weight_shape``.
 
@@ -97,7 +108,7 @@ class PQModule(nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         """The dense weight, rebuilt from the codebook (differentiable in the centroids)."""
-        return from_subvectors(self.centroids[self.index], self.weight_shape)
+        return from_subvectors(_gather(self.centroids, self.index), self.weight_shape)
 
     def refresh_index(self) -> None:
         """Re-derive the unpacked ``index`` from the packed ``codes`` (after they were loaded).
@@ -232,7 +243,7 @@ class PQEmbedding(PQModule):
         # as F.embedding(ids, self.weight, padding_idx), whose padding row gets no gradient.
         num, dim = self.weight_shape
         rows = self.index.view(num, dim // self.block_size)[ids]  # (*ids, dim / bs)
-        out = self.centroids[rows].flatten(-2)  # (*ids, dim)
+        out = _gather(self.centroids, rows).flatten(-2)  # (*ids, dim)
         if self.padding_idx is not None and out.requires_grad:
             out = torch.where((ids == self.padding_idx).unsqueeze(-1), out.detach(), out)
         return out
@@ -292,7 +303,7 @@ class PQConv2d(PQModule):
             counts = torch.bincount(self.index, minlength=centroids.shape[0]).clamp_(min=1)
             scale = counts.reciprocal().to(centroids.dtype)[:, None]
             centroids = centroids.detach() + (centroids - centroids.detach()) * scale
-        weight = from_subvectors(centroids[self.index], self.weight_shape)
+        weight = from_subvectors(_gather(centroids, self.index), self.weight_shape)
         return F.conv2d(x, weight.to(x.dtype), self.bias, **self.conv)
 
 
