@@ -384,6 +384,88 @@ def _register_quantize(subparsers: Subparsers, parents: list[argparse.ArgumentPa
     p.set_defaults(handler=_run_quantize)
 
 
+def _run_finetune(args: argparse.Namespace) -> int:
+    import transformers
+
+    from dist_pgkm.checkpoint.inspect import describe
+    from dist_pgkm.config.finetune import load_finetune_config
+    from dist_pgkm.console import finetune_progress
+    from dist_pgkm.eval.report import write_report
+    from dist_pgkm.eval.text import load_text, tokenize
+    from dist_pgkm.finetune.pipeline import finetune_model
+
+    config = load_finetune_config(args.config)
+    model_dir = _model_path(args.model)
+    auto: Any = transformers.AutoTokenizer
+    tokenizer = auto.from_pretrained(str(model_dir))
+    text = config.train.text
+    ids = tokenize(tokenizer, load_text([] if text == "wordnet" else [text]))
+    with finetune_progress() as update:
+        summary = finetune_model(
+            model_dir,
+            config,
+            args.out,
+            ids,
+            resume=args.resume,
+            workers=args.workers,
+            address=args.address,
+            progress=update,
+        )
+    info = describe(args.out)
+    console = _stdout_console()
+    resumed = summary.resumed_from
+    console.print(
+        f"[bold]{args.out}[/]: {len(summary.stages)} stages"
+        + (f" (resumed at stage {resumed['stage']}, {resumed['phase']})" if resumed else ""),
+        highlight=False,
+    )
+    for stage in summary.stages:
+        first, last = stage["loss_first"], stage["loss_last"]
+        losses = f"loss {first:.3f} -> {last:.3f}" if first is not None else "no step this call"
+        console.print(
+            f"  {stage['name']}: {stage['layers']} layers, {stage['steps']} steps, {losses}",
+            highlight=False,
+        )
+    console.print(
+        f"  {info.bits_per_weight:.3f} bits/weight over {info.quantized_params / 1e6:.1f}M "
+        f"quantized weights; {summary.seconds:.0f} s, {summary.tokens_per_second:,.0f} "
+        f"tokens/s, peak RSS {_fmt_bytes(summary.peak_rss_bytes)}",
+        highlight=False,
+    )
+    write_report(args.out, info, summary.as_dict())
+    console.print(f"  report: {args.out / 'report.json'} and {args.out / 'report'}/loss.png")
+    if args.json is not None:
+        write_json_file(args.json, {**summary.as_dict(), "checkpoint": info.as_dict()})
+    return 0
+
+
+def _register_finetune(subparsers: Subparsers, parents: list[argparse.ArgumentParser]) -> None:
+    p = subparsers.add_parser(
+        "finetune",
+        parents=parents,
+        help="staged iPQ: quantize layer groups in turn, fine-tune in between (resumable)",
+        description=(
+            "Quantize the stages of the config one after the other and fine-tune the model "
+            "under DeepSpeed after each, with Quant-Noise on the layers still in float; merge "
+            "into the checkpoint format of `quantize`. Running it again resumes."
+        ),
+    )
+    p.add_argument("model", help="HF causal-LM directory, or smollm2-135m")
+    p.add_argument("--config", type=Path, required=True, help="finetune config (YAML)")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="output directory")
+    p.add_argument("--resume", action="store_true", help="require an existing run in DIR")
+    p.add_argument(
+        "--workers", type=_non_negative_int, default=0, metavar="N",
+        help="Ray workers for the quantize phases (0: in this process)",
+    )  # fmt: skip
+    p.add_argument(
+        "--address", default=None, metavar="HOST:PORT",
+        help="quantize on the Ray cluster at HOST:PORT (or 'auto')",
+    )  # fmt: skip
+    p.add_argument("--json", type=Path, metavar="PATH", help="write the run summary as JSON")
+    p.set_defaults(handler=_run_finetune)
+
+
 def _run_inspect(args: argparse.Namespace) -> int:
     from rich.table import Table
 
@@ -689,6 +771,7 @@ def _register_bench(subparsers: Subparsers, parents: list[argparse.ArgumentParse
 # Top-level commands; add quantize, eval, inspect, merge, finetune here.
 _COMMANDS: tuple[Callable[[Subparsers, list[argparse.ArgumentParser]], None], ...] = (
     _register_quantize,
+    _register_finetune,
     _register_eval,
     _register_inspect,
     _register_export_dense,

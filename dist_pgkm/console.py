@@ -12,12 +12,15 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from dist_pgkm.distributed.progress import ProgressSnapshot
 from dist_pgkm.utils.memory import format_bytes
 
-__all__ = ["format_duration", "quantize_progress", "worker_summary_lines"]
+if TYPE_CHECKING:
+    from dist_pgkm.finetune.pipeline import StepReport
+
+__all__ = ["finetune_progress", "format_duration", "quantize_progress", "worker_summary_lines"]
 
 
 def format_duration(seconds: float | None) -> str:
@@ -127,3 +130,41 @@ def worker_summary_lines(timing: dict[str, Any], slowest: int = 3) -> list[str]:
         listed = ", ".join(f"{t['name']} {t['seconds']:.1f} s" for t in layers)
         lines.append(f"  slowest layers: {listed}")
     return lines
+
+
+@contextmanager
+def finetune_progress(stream: TextIO | None = None) -> Iterator[Callable[[StepReport], None]]:
+    """A listener for the fine-tuning loop: stage, step, loss, tokens/s, ETA."""
+    from rich.console import Console
+
+    console = Console(file=stream or sys.stderr)
+    out = stream or sys.stderr
+
+    def line(r: StepReport) -> str:
+        return (
+            f"stage {r.stage} ({r.stage_index + 1}/{r.n_stages}) step {r.step}/{r.steps} · "
+            f"loss {r.loss:.4f} · {r.tokens_per_second:,.0f} tokens/s · "
+            f"{r.done_steps}/{r.total_steps} steps · eta {format_duration(r.eta_seconds)}"
+        )
+
+    if not console.is_terminal:
+
+        def log(r: StepReport) -> None:
+            every = max(1, r.total_steps // 100)
+            if r.done_steps % every == 0 or r.step == r.steps:
+                print(line(r), file=out, flush=True)
+
+        yield log
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), console=console,
+        transient=True,
+    ) as bar:  # fmt: skip
+        task = bar.add_task("fine-tuning", total=None)
+
+        def update(r: StepReport) -> None:
+            bar.update(task, completed=r.done_steps, total=r.total_steps, description=line(r))
+
+        yield update

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
@@ -31,10 +32,18 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from dist_pgkm.config.kmeans import METHOD_OPTIONS
 from dist_pgkm.errors import ConfigError
 
-__all__ = ["CONFIG_VERSION", "LayerRule", "QuantizeConfig", "load_config"]
+__all__ = ["CONFIG_VERSION", "LayerRule", "QuantizeConfig", "load_config", "name_matches"]
 
 CONFIG_VERSION = 1
 _MAX_K = 65536  # codes are at most 16 bits
+
+
+def name_matches(patterns: Sequence[str], name: str) -> bool:
+    """Whether ``name`` is one of the exact names or fully matches one of the ``re:`` patterns."""
+    return any(
+        re.fullmatch(p[3:], name) is not None if p.startswith("re:") else p == name
+        for p in patterns
+    )
 
 
 class _Strict(BaseModel):
@@ -84,10 +93,7 @@ class LayerRule(_Strict):
 
     def matches(self, name: str) -> bool:
         """Whether ``name`` is one of the exact names or fully matches a ``re:`` pattern."""
-        return any(
-            re.fullmatch(p[3:], name) is not None if p.startswith("re:") else p == name
-            for p in self.match
-        )
+        return name_matches(self.match, name)
 
 
 class QuantizeConfig(_Strict):

@@ -7,7 +7,7 @@ and the run's own summary; nothing is typed in.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,38 @@ def write_report(
         # matplotlib is in the `models` extra; without it the JSON is the report.
         with contextlib.suppress(ImportError):
             written += _plots(out_dir / "report", checkpoint)
+    if plots and run.get("history"):
+        with contextlib.suppress(ImportError):
+            written.append(_loss_curve(out_dir / "report", run["history"], run.get("stages", [])))
     return written
+
+
+def _loss_curve(
+    directory: Path, history: Sequence[Mapping[str, Any]], stages: Sequence[Mapping[str, Any]]
+) -> Path:
+    """The training loss over all steps, one colour per stage (a fine-tuning run's report)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    directory.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(10, 4))
+    offset = 0
+    for i in sorted({int(h["stage"]) for h in history}):
+        points = [h for h in history if h["stage"] == i]
+        name = stages[i]["name"] if i < len(stages) else str(i)
+        ax.plot([offset + h["step"] for h in points], [h["loss"] for h in points], label=name)
+        offset += max(h["step"] for h in points)
+    ax.set_xlabel("optimizer step (all stages)")
+    ax.set_ylabel("training loss")
+    ax.set_title("fine-tuning loss per stage")
+    ax.legend()
+    fig.tight_layout()
+    path = directory / "loss.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def _plots(directory: Path, checkpoint: CheckpointSummary) -> list[Path]:

@@ -1,0 +1,644 @@
+"""Staged iPQ: quantize a group of layers, fine-tune, repeat; resumable at any point.
+
+For each stage of the config, in order:
+
+1. **Quantize** the stage's layers with the quantize pipeline
+   (:func:`dist_pgkm.distributed.coordinator.quantize_model`, on Ray when asked), from the
+   weights as the previous stages left them (written to ``stages/<i>-<name>/source``).
+2. **Swap** them for PQ modules: trainable codebooks, frozen codes. The selected layers of later
+   stages, still in float, get Quant-Noise in the same block layout.
+3. **Fine-tune** ``steps`` optimizer steps under DeepSpeed on the causal LM loss (plus, when
+   asked, the KL divergence to the original model's logits), checkpointing every
+   ``checkpoint_every`` steps and at the end of the stage.
+
+Then every quantized layer is encoded from its trained codebook and the whole model is merged
+into the checkpoint format of ``quantize`` (``dist_pgkm.load`` reads it).
+
+Output directory::
+
+    finetune.json               state: fingerprint, stage, phase, loss history
+    stages/<i>-<name>/quantize/ the stage's quantize run (shards, manifest)
+    stages/<i>-<name>/trained.safetensors   all weights at the end of the stage
+    deepspeed/                  DeepSpeed checkpoints within the current stage
+    shards/, model.safetensors, config.json, ...   the final checkpoint
+
+Resume: the same call again. Finished stages are rebuilt from their files; the current stage
+continues from its last DeepSpeed checkpoint; batches and Quant-Noise masks are functions of
+(seed, stage, step), so on CPU the final parameters equal those of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import logging
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dist_pgkm.checkpoint.atomic import atomic_write_json, exclusive_run
+from dist_pgkm.checkpoint.merge import QuantizedLayer, merge_checkpoint
+from dist_pgkm.checkpoint.shard import decode_layer, encode_layer, read_shard, write_shard
+from dist_pgkm.config.finetune import FinetuneConfig
+from dist_pgkm.config.quantize import LayerRule, QuantizeConfig
+from dist_pgkm.distributed.coordinator import quantize_model, shard_path
+from dist_pgkm.distributed.plan import LayerJob, plan_run
+from dist_pgkm.errors import CheckpointError, ConfigError
+from dist_pgkm.finetune.data import Batches, training_sequences
+from dist_pgkm.kmeans.types import KMeansStats
+from dist_pgkm.models.layers import find_layers
+from dist_pgkm.models.source import open_source
+from dist_pgkm.noise import Codebook, QuantNoise, add_quant_noise
+from dist_pgkm.pq.modules import PQModule, pq_module_for
+from dist_pgkm.pq.quantize import QuantizedWeight, quantize_weight
+from dist_pgkm.utils.memory import peak_rss_bytes
+
+__all__ = ["FinetuneSummary", "StepReport", "finetune_model", "stage_layers"]
+
+logger = logging.getLogger(__name__)
+
+STATE_NAME = "finetune.json"
+STATE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class StepReport:
+    """One optimizer step, for progress displays."""
+
+    stage: str
+    stage_index: int
+    n_stages: int
+    step: int
+    steps: int
+    done_steps: int
+    total_steps: int
+    loss: float
+    tokens_per_second: float
+    eta_seconds: float | None
+
+
+Progress = Callable[[StepReport], None]
+
+
+@dataclass
+class FinetuneSummary:
+    """What a call did: per stage, the layers, steps and losses; the merged files."""
+
+    out_dir: Path
+    stages: list[dict[str, Any]]
+    history: list[dict[str, Any]]
+    files: dict[str, str]
+    seconds: float
+    peak_rss_bytes: int
+    resumed_from: dict[str, Any] | None = None
+    tokens_per_second: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "out_dir": str(self.out_dir),
+            "stages": self.stages,
+            "history": self.history,
+            "files": self.files,
+            "seconds": self.seconds,
+            "peak_rss_bytes": self.peak_rss_bytes,
+            "resumed_from": self.resumed_from,
+            "tokens_per_second": self.tokens_per_second,
+        }
+
+
+def stage_layers(jobs: Sequence[LayerJob], config: FinetuneConfig) -> list[list[LayerJob]]:
+    """The quantize jobs of each stage.
+
+    Raises:
+        ConfigError: A selected layer belongs to no stage, or a stage has no layer.
+    """
+    stages: list[list[LayerJob]] = [[] for _ in config.stages]
+    orphans = []
+    for job in jobs:
+        i = config.stage_of(job.name)
+        if i is None:
+            orphans.append(job.name)
+        else:
+            stages[i].append(job)
+    if orphans:
+        raise ConfigError(
+            f"{len(orphans)} layers the quantize config selects are in no stage (e.g. "
+            f"{', '.join(orphans[:3])}). Add a stage whose `match` covers them, or exclude them "
+            "from the quantize config."
+        )
+    if empty := [s.name for s, layers in zip(config.stages, stages, strict=True) if not layers]:
+        raise ConfigError(
+            f"stage {', '.join(empty)} matches no layer the quantize config selects. Fix its "
+            "`match` patterns (full-match regexes, `re:` prefix) or remove the stage."
+        )
+    return stages
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("dist-pgkm")
+    except importlib.metadata.PackageNotFoundError:
+        from dist_pgkm import __version__
+
+        return __version__
+
+
+# --- state -------------------------------------------------------------------------------------
+
+
+@dataclass
+class _State:
+    path: Path
+    data: dict[str, Any]
+
+    @classmethod
+    def open(cls, out: Path, fingerprint: dict[str, Any], resume: bool) -> _State:
+        path = out / STATE_NAME
+        if path.is_file():
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if data.get("fingerprint") != fingerprint:
+                old = data.get("fingerprint", {})
+                changed = sorted(
+                    k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k)
+                )
+                raise CheckpointError(
+                    f"{out} holds another fine-tuning run (its {', '.join(changed)} differ), so it "
+                    "cannot be resumed. Run with the same model, config and text, or choose a "
+                    "new --out directory."
+                )
+            return cls(path, data)
+        if resume:
+            raise CheckpointError(
+                f"{out}: --resume given, but there is no fine-tuning run to resume "
+                f"({STATE_NAME} is missing). Drop --resume to start one."
+            )
+        if out.exists() and any(p.name != ".lock" for p in out.iterdir()):
+            raise CheckpointError(
+                f"{out} is not empty and holds no fine-tuning run. Choose an empty or new "
+                "--out directory."
+            )
+        data = {"version": STATE_VERSION, "fingerprint": fingerprint, "stage": 0,
+                "phase": "quantize", "history": [], "merged": None}  # fmt: skip
+        state = cls(path, data)
+        state.save()
+        return state
+
+    def save(self) -> None:
+        atomic_write_json(self.path, self.data)
+
+
+# --- model surgery -----------------------------------------------------------------------------
+
+
+def _swap_in(model: nn.Module, job: LayerJob, centroids: torch.Tensor, codes: torch.Tensor) -> None:
+    """Replace ``job``'s module (and the modules tied to it) by trainable PQ modules."""
+    module = model.get_submodule(job.name)
+    pq = pq_module_for(module).from_float(module, centroids, codes)
+    pq.centroids.requires_grad_(True)
+    model.set_submodule(job.name, pq)
+    for tied in job.tied:
+        other = model.get_submodule(tied)
+        pq_tied = pq_module_for(other).from_float(other, centroids, codes)
+        pq_tied.tie_to(pq)
+        model.set_submodule(tied, pq_tied)
+
+
+def _dense_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's weights as a float checkpoint: PQ modules decoded, shared tensors once."""
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    pq_prefixes = {name for name, m in model.named_modules() if isinstance(m, PQModule)}
+    for name, m in model.named_modules():
+        if isinstance(m, PQModule):
+            if id(m.centroids) in seen:
+                continue  # tied to a module written already
+            seen.add(id(m.centroids))
+            with torch.no_grad():
+                out[f"{name}.weight"] = m.weight.detach().float().contiguous()
+    for key, tensor in model.state_dict().items():
+        owner = key.rpartition(".")[0]
+        if owner in pq_prefixes and key.rpartition(".")[2] in ("centroids", "codes"):
+            continue
+        if tensor.data_ptr() in seen:
+            continue
+        seen.add(tensor.data_ptr())
+        out[key] = tensor.detach().contiguous().clone()
+    return out
+
+
+def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Everything needed to restore a stage's end: the full state dict, shared tensors once."""
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for key, tensor in model.state_dict(keep_vars=False).items():
+        if tensor.data_ptr() in seen and tensor.numel() > 0:
+            continue
+        seen.add(tensor.data_ptr())
+        out[key] = tensor.detach().contiguous().clone()
+    return out
+
+
+# --- the run -----------------------------------------------------------------------------------
+
+
+def finetune_model(
+    model: str | Path,
+    config: FinetuneConfig,
+    out_dir: str | Path,
+    train_ids: torch.Tensor,
+    *,
+    resume: bool = False,
+    workers: int = 0,
+    address: str | None = None,
+    progress: Progress | None = None,
+    max_shard_bytes: int = 5 * 10**9,
+) -> FinetuneSummary:
+    """Run the staged schedule of ``config`` on ``model`` into ``out_dir``.
+
+    Args:
+        model: An HF causal-LM directory (safetensors).
+        config: Stages, training loop, Quant-Noise, DeepSpeed.
+        out_dir: Output directory: new, empty, or holding this same run (then resumed).
+        train_ids: The training corpus as 1-D token ids (evaluation windows are excluded here).
+        resume: Require an existing run in ``out_dir``.
+        workers, address: Where each stage's quantization runs (see ``quantize_model``).
+        progress: Called after every optimizer step.
+        max_shard_bytes: Largest file of the merged checkpoint.
+
+    Raises:
+        ConfigError: A stage matches no layer; a layer is in no stage; DeepSpeed settings the
+            hardware cannot run.
+        DataError: The text is too short for one batch.
+        CheckpointError: ``out_dir`` holds another run, or nothing to resume.
+    """
+    from dist_pgkm.finetune import engine as ds_engine
+
+    start = time.perf_counter()
+    out = Path(out_dir)
+    ds_engine.check_hardware(config.deepspeed)
+    source = open_source(model)
+    plan = plan_run(find_layers(source), config.quantize)
+    stages = stage_layers(plan.jobs, config)
+    sequences = training_sequences(train_ids, config.train.seq_len)
+    batches = Batches(sequences, config.train.batch_size, config.seed)
+    fingerprint = {
+        "dist_pgkm_version": _version(),
+        "config": config.sha256,
+        "source": hashlib.sha256(json.dumps(source.fingerprint()).encode()).hexdigest(),
+        "text": hashlib.sha256(train_ids.numpy().tobytes()).hexdigest(),
+    }
+    with exclusive_run(out):
+        state = _State.open(out, fingerprint, resume)
+        resumed_from = (
+            {"stage": state.data["stage"], "phase": state.data["phase"]}
+            if state.data["stage"] or state.data["phase"] != "quantize" or state.data["history"]
+            else None
+        )
+        run = _Run(Path(model), config, out, state, stages, batches, workers, address, progress)
+        run.execute()
+        files = run.merge(source, plan.jobs, max_shard_bytes)
+    seconds = time.perf_counter() - start
+    return FinetuneSummary(
+        out_dir=out,
+        stages=run.stage_summaries(),
+        history=state.data["history"],
+        files=files,
+        seconds=seconds,
+        peak_rss_bytes=peak_rss_bytes(),
+        resumed_from=resumed_from,
+        tokens_per_second=run.tokens_per_second(),
+    )
+
+
+@dataclass
+class _Run:
+    model_dir: Path
+    config: FinetuneConfig
+    out: Path
+    state: _State
+    stages: list[list[LayerJob]]
+    batches: Batches
+    workers: int
+    address: str | None
+    progress: Progress | None
+    model: nn.Module = field(init=False)
+    teacher: Any = field(init=False, default=None)
+    _tokens: int = field(init=False, default=0)
+    _train_seconds: float = field(init=False, default=0.0)
+
+    def stage_dir(self, i: int) -> Path:
+        return self.out / "stages" / f"{i}-{self.config.stages[i].name}"
+
+    # --- orchestration ------------------------------------------------------------------------
+
+    def execute(self) -> None:
+        from transformers import AutoModelForCausalLM
+
+        torch.manual_seed(self.config.seed)
+        self.model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32)
+        if self.config.train.distill > 0:
+            self.teacher = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32)
+            self.teacher.eval().requires_grad_(False)
+        current = self.state.data["stage"]
+        # Rebuild the finished stages: their PQ modules, then the weights they ended with.
+        for i in range(min(current, len(self.stages))):
+            self._swap_stage(i)
+        if current > 0:
+            self._load_trained(current - 1)
+        for i in range(current, len(self.stages)):
+            if self.state.data["phase"] == "quantize":
+                self._quantize_stage(i)
+                self.state.data["phase"] = "train"
+                self.state.save()
+            else:
+                self._swap_stage(i)
+            self._train_stage(i)
+            self.state.data.update(stage=i + 1, phase="quantize")
+            self.state.save()
+
+    def _stage_config(self, i: int) -> QuantizeConfig:
+        rules = [
+            LayerRule(match=[job.name], block_size=job.block_size, k=job.k)
+            for job in self.stages[i]
+        ]
+        return self.config.quantize.model_copy(update={"rules": rules})
+
+    def _quantize_stage(self, i: int) -> None:
+        stage_dir = self.stage_dir(i)
+        q_dir = stage_dir / "quantize"
+        source = self.model_dir
+        if i > 0:  # the weights as the previous stages left them
+            source = stage_dir / "source"
+            if not (source / "model.safetensors").is_file():
+                source.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(self.model_dir / "config.json", source / "config.json")
+                write_shard(
+                    source / "model.safetensors", _dense_state_dict(self.model), {"format": "pt"}
+                )
+        logger.info(
+            "Stage %s: quantizing %d layers", self.config.stages[i].name, len(self.stages[i])
+        )
+        quantize_model(
+            source,
+            self._stage_config(i),
+            q_dir,
+            resume=(q_dir / "manifest.json").is_file(),
+            workers=self.workers,
+            address=self.address,
+        )
+        self._swap_stage(i)
+        # The merged copy and the source are not needed again: the shards are.
+        for name in ("model.safetensors", "model.safetensors.index.json"):
+            (q_dir / name).unlink(missing_ok=True)
+        shutil.rmtree(stage_dir / "source", ignore_errors=True)
+
+    def _swap_stage(self, i: int) -> None:
+        q_dir = self.stage_dir(i) / "quantize"
+        for job in self.stages[i]:
+            tensors, meta = read_shard(q_dir / shard_path(job.name))
+            _, centroids, codes, _ = decode_layer(tensors, meta, where=str(q_dir))
+            _swap_in(self.model, job, centroids, codes)
+
+    def _load_trained(self, i: int) -> None:
+        path = self.stage_dir(i) / "trained.safetensors"
+        tensors, _ = read_shard(path)
+        missing, unexpected = self.model.load_state_dict(tensors, strict=False)
+        # Tied tensors are saved once; anything else missing is a mismatch.
+        real_missing = [k for k in missing if not self._is_shared(k, tensors)]
+        if real_missing or unexpected:
+            raise CheckpointError(
+                f"{path} does not fit the model rebuilt from the stages (missing "
+                f"{real_missing[:3]}, unexpected {unexpected[:3]}). Delete {self.out} and start "
+                "over."
+            )
+        for m in self.model.modules():
+            if isinstance(m, PQModule):
+                m.refresh_index()
+
+    def _is_shared(self, key: str, saved: dict[str, torch.Tensor]) -> bool:
+        state = self.model.state_dict()
+        ptr = state[key].data_ptr()
+        return any(state[k].data_ptr() == ptr for k in saved if k in state)
+
+    # --- training -----------------------------------------------------------------------------
+
+    def _noise(self, i: int) -> _NoiseGroups | None:
+        noise = self.config.noise
+        later = [job for stage in self.stages[i + 1 :] for job in stage]
+        if noise.p <= 0 or not later:
+            return None
+        groups: dict[int, list[LayerJob]] = {}
+        for job in later:
+            groups.setdefault(job.block_size, []).append(job)
+        handles: list[QuantNoise] = []
+        for bs, jobs in groups.items():
+            codebooks = None
+            if noise.mode == "quantize":
+                codebooks = {job.name: self._codebook(job) for job in jobs}
+            handles.append(
+                add_quant_noise(
+                    self.model,
+                    [job.name for job in jobs],
+                    noise.p,
+                    bs,
+                    mode=noise.mode,
+                    codebooks=codebooks,
+                    seed=self.config.seed + 1000 * (i + 1) + bs,
+                )
+            )
+        return _NoiseGroups(handles)
+
+    def _codebook(self, job: LayerJob) -> Codebook:
+        weight = self.model.get_submodule(job.name).weight
+        assert isinstance(weight, torch.Tensor)
+        weight = weight.detach()
+        q = quantize_weight(
+            weight, job.block_size, job.k, method=self.config.quantize.method, seed=job.seed,
+            n_iter=self.config.quantize.n_iter,
+        )  # fmt: skip
+        return Codebook(q.centroids)
+
+    def _train_stage(self, i: int) -> None:
+        from dist_pgkm.finetune import engine as ds_engine
+
+        stage = self.config.stages[i]
+        noise = self._noise(i)
+        train = self.config.train
+        centroids = [p for n, p in self.model.named_parameters() if n.endswith("centroids")]
+        others = [
+            p
+            for n, p in self.model.named_parameters()
+            if not n.endswith("centroids") and p.requires_grad
+        ]
+        groups = [{"params": others, "lr": train.lr, "weight_decay": train.weight_decay}]
+        if centroids:
+            groups.append(
+                {"params": centroids, "lr": train.centroid_lr or train.lr, "weight_decay": 0.0}
+            )
+        self.model.train()
+        engine = ds_engine.build_engine(self.model, groups, self.config.deepspeed, train)
+        ckpt_dir = self.out / "deepspeed"
+        step = 0
+        loaded = None
+        if ckpt_dir.is_dir():  # this stage's checkpoints only: earlier ones fit other modules
+            loaded = ds_engine.load_checkpoint(engine, ckpt_dir, prefix=f"stage{i}-")
+        if loaded is not None:
+            client = loaded[1]
+            step = int(client["step"])
+            if noise is not None and client.get("noise") is not None:
+                noise.load_state_dict(client["noise"])
+            self.state.data["history"] = [
+                h for h in self.state.data["history"] if (h["stage"], h["step"]) < (i, step + 1)
+            ]
+            logger.info("Stage %s: resumed at step %d of %d", stage.name, step, stage.steps)
+        try:
+            while step < stage.steps:
+                t0 = time.perf_counter()
+                loss = self._step(engine, self.batches.get(i, step))
+                step += 1
+                self._train_seconds += time.perf_counter() - t0
+                self._tokens += train.batch_size * self.batches.seq_len
+                self.state.data["history"].append({"stage": i, "step": step, "loss": loss})
+                if step % self.config.deepspeed.checkpoint_every == 0 or step == stage.steps:
+                    noise_state = noise.state_dict() if noise is not None else None
+                    client = {"stage": i, "step": step, "noise": noise_state}
+                    ds_engine.save_checkpoint(engine, ckpt_dir, f"stage{i}-step{step}", client)
+                    self.state.save()
+                self._report(i, step, loss)
+        finally:
+            if noise is not None:
+                noise.remove()
+        ds_engine.close(engine)  # puts full fp32 parameters back (ZeRO-3 partitions, bf16)
+        trained = self.stage_dir(i) / "trained.safetensors"
+        write_shard(trained, _trainable_state(self.model), {"stage": str(i)})
+
+    def _step(self, engine: Any, batch: torch.Tensor) -> float:
+        train = self.config.train
+        total = 0.0
+        for micro in torch.split(batch, train.micro):
+            logits = engine(input_ids=micro).logits
+            loss = F.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]).float(), micro[:, 1:].reshape(-1)
+            )
+            if self.teacher is not None:
+                with torch.no_grad():
+                    target = self.teacher(input_ids=micro).logits
+                t = train.temperature
+                kl = (
+                    F.kl_div(
+                        F.log_softmax(logits.float() / t, -1),
+                        F.log_softmax(target.float() / t, -1),
+                        log_target=True,
+                        reduction="batchmean",
+                    )
+                    * (t * t)
+                    / micro.shape[1]
+                )
+                loss = loss + train.distill * kl
+            engine.backward(loss)
+            engine.step()
+            total += float(loss.detach()) * micro.shape[0] / batch.shape[0]
+        return total
+
+    def _report(self, i: int, step: int, loss: float) -> None:
+        if self.progress is None:
+            return
+        done = sum(s.steps for s in self.config.stages[:i]) + step
+        total = self.config.total_steps
+        rate = self._train_seconds / max(1, sum(1 for h in self.state.data["history"]))
+        self.progress(
+            StepReport(
+                stage=self.config.stages[i].name,
+                stage_index=i,
+                n_stages=len(self.config.stages),
+                step=step,
+                steps=self.config.stages[i].steps,
+                done_steps=done,
+                total_steps=total,
+                loss=loss,
+                tokens_per_second=self.tokens_per_second(),
+                eta_seconds=(total - done) * rate if rate > 0 else None,
+            )
+        )
+
+    def tokens_per_second(self) -> float:
+        return self._tokens / self._train_seconds if self._train_seconds > 0 else 0.0
+
+    def stage_summaries(self) -> list[dict[str, Any]]:
+        rows = []
+        for i, (stage, jobs) in enumerate(zip(self.config.stages, self.stages, strict=True)):
+            losses = [h["loss"] for h in self.state.data["history"] if h["stage"] == i]
+            rows.append({
+                "name": stage.name, "layers": len(jobs), "steps": stage.steps,
+                "loss_first": losses[0] if losses else None,
+                "loss_last": losses[-1] if losses else None,
+            })  # fmt: skip
+        return rows
+
+    # --- the final checkpoint -----------------------------------------------------------------
+
+    def merge(self, source: Any, jobs: Sequence[LayerJob], max_shard_bytes: int) -> dict[str, str]:
+        merged = self.state.data.get("merged")
+        if merged and all((self.out / name).is_file() for name in merged):
+            return dict(merged)
+        final_src = self.out / "final-source"
+        final_src.mkdir(parents=True, exist_ok=True)
+        for aux in [*source.aux_files(), self.model_dir / "config.json"]:
+            shutil.copy2(aux, final_src / Path(aux).name)
+        write_shard(
+            final_src / "model.safetensors", _dense_state_dict(self.model), {"format": "pt"}
+        )
+        layers = []
+        dtype = self.config.quantize.centroid_dtype
+        for job in jobs:
+            module = self.model.get_submodule(job.name)
+            assert isinstance(module, PQModule), job.name
+            q = QuantizedWeight(
+                centroids=module.centroids.detach().float(),
+                codes=module.index.to(torch.int64),
+                shape=tuple(module.weight_shape),
+                stats=KMeansStats(
+                    "finetuned", "none", module.index.numel(), module.block_size, module.k
+                ),
+            )
+            tensors, meta = encode_layer(job.name, q, dtype, kind=job.kind, k=job.k)
+            rel = shard_path(job.name)
+            write_shard(self.out / rel, tensors, meta)
+            layers.append(QuantizedLayer(job.name, job.tensor, self.out / rel, job.tied))
+        quantization = {
+            "method": f"ipq-finetune ({self.config.quantize.method})",
+            "centroid_dtype": dtype,
+        }
+        files = merge_checkpoint(
+            self.out, open_source(final_src), layers, quantization, max_shard_bytes
+        )
+        shutil.rmtree(final_src, ignore_errors=True)
+        self.state.data["merged"] = files
+        self.state.save()
+        return files
+
+
+class _NoiseGroups:
+    """Several Quant-Noise groups (one per block size) handled as one."""
+
+    def __init__(self, groups: list[QuantNoise]) -> None:
+        self.groups = groups
+
+    def state_dict(self) -> list[Any]:
+        return [g.state_dict() for g in self.groups]
+
+    def load_state_dict(self, states: list[Any]) -> None:
+        for g, s in zip(self.groups, states, strict=True):
+            g.load_state_dict(s)
+
+    def remove(self) -> None:
+        for g in self.groups:
+            g.remove()

@@ -1,0 +1,75 @@
+"""The finetune config: presets load, stages split the selected layers, bad input is named."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dist_pgkm.config.finetune import DEFAULT_STAGES, load_finetune_config
+from dist_pgkm.errors import ConfigError
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+def test_preset_loads_with_its_quantize_config() -> None:
+    config = load_finetune_config(CONFIGS / "smollm2-135m-ipq-finetune.yaml")
+    assert [s.name for s in config.stages] == ["mlp", "embeddings", "attention"]
+    assert config.total_steps == 300
+    assert config.quantize.rule_for("model.layers.3.mlp.up_proj").block_size == 8  # type: ignore[union-attr]
+    assert config.deepspeed.zero_stage == 0
+
+
+@pytest.mark.parametrize(
+    ("name", "stage"),
+    [
+        ("model.layers.0.mlp.down_proj", "mlp"),
+        ("model.embed_tokens", "embeddings"),
+        ("lm_head", "embeddings"),
+        ("model.layers.11.self_attn.o_proj", "attention"),
+        ("encoder.layer.2.intermediate.dense", "mlp"),
+        ("encoder.layer.2.output.dense", "mlp"),
+        ("encoder.layer.2.attention.output.dense", "attention"),
+        ("embeddings.word_embeddings", "embeddings"),
+        ("model.norm", None),
+    ],
+)
+def test_default_stages_cover_llama_and_bert_names(name: str, stage: str | None) -> None:
+    config = load_finetune_config({"quantize": "ptq-4bit.yaml"})
+    assert config.stages == list(DEFAULT_STAGES)
+    index = config.stage_of(name)
+    assert (config.stages[index].name if index is not None else None) == stage
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"stages": []}, "quantize` is missing"),
+        ({"quantize": "ptq-4bit.yaml", "trian": {}}, r"trian: unknown key \(a typo\?\)"),
+        ({"quantize": "ptq-4bit.yaml", "noise": {"p": 1.0}}, r"noise\.p: Input should be less"),
+        (
+            {"quantize": "ptq-4bit.yaml", "train": {"batch_size": 6, "micro_batch_size": 4}},
+            "micro_batch_size 4 must divide batch_size 6",
+        ),
+        (
+            {"quantize": "ptq-4bit.yaml", "deepspeed": {"zero_stage": 4}},
+            r"deepspeed\.zero_stage",
+        ),
+        (
+            {"quantize": "ptq-4bit.yaml", "stages": [{"name": "a", "match": "x"}] * 2},
+            "stage names must be unique; repeated: a",
+        ),
+        ({"quantize": "no-such-preset.yaml"}, "no such config file"),
+    ],
+)
+def test_bad_configs_name_the_key(data: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_finetune_config(data)
+
+
+def test_quantize_path_is_relative_to_the_config(tmp_path: Path) -> None:
+    (tmp_path / "q.yaml").write_text("rules: [{match: 're:.*', block_size: 4, k: 16}]\n")
+    (tmp_path / "ft.yaml").write_text("quantize: q.yaml\nseed: 3\n")
+    config = load_finetune_config(tmp_path / "ft.yaml")
+    assert config.seed == 3
+    assert config.quantize.rules[0].k == 16
