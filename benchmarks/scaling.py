@@ -144,6 +144,7 @@ class ScalingReport:
     big: dict[str, Any] | None = None
     targets: list[Target] = field(default_factory=list)
     seconds: float = 0.0
+    analysis_commit: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -160,6 +161,7 @@ class ScalingReport:
             "big": self.big,
             "targets": [t.as_dict() for t in self.targets],
             "seconds": self.seconds,
+            "analysis_commit": self.analysis_commit,
         }
 
 
@@ -229,14 +231,18 @@ def _run_row(label: str, summary: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def fit_cost_model(jobs: Sequence[LayerJob], seconds: Mapping[str, float]) -> dict[str, Any]:
-    """Least squares ``seconds = a * est_cost + b * n_weights`` over the layers (a, b >= 0).
+    """Least squares ``seconds = a * est_cost + c`` over the layers (a, c >= 0).
 
-    ``est_cost`` counts the multiply-adds of the distance passes (blocks x K x bs x n_iter);
-    the second term is what scales with the weights alone (reading, partitioning, encoding).
+    ``est_cost`` counts the multiply-adds of the distance passes (blocks x K x bs x n_iter), so
+    ``a`` is the size-proportional time per multiply-add at the fitted preset, and ``c`` what
+    every job costs regardless of its size (start-up, small-tensor overheads). At one preset
+    the distance passes and the other size-proportional work (reading, partitioning,
+    encoding) cannot be told apart: :func:`split_cost_model` separates them with a measured
+    distance-pass rate.
     """
-    rows = [(job.est_cost, float(job.n_weights), seconds[job.name]) for job in jobs]
-    x = torch.tensor([[c, w] for c, w, _ in rows], dtype=torch.float64)
-    y = torch.tensor([s for _, _, s in rows], dtype=torch.float64)
+    rows = [(job.est_cost, seconds[job.name]) for job in jobs]
+    x = torch.tensor([[c, 1.0] for c, _ in rows], dtype=torch.float64)
+    y = torch.tensor([s for _, s in rows], dtype=torch.float64)
     scale = x.abs().max(dim=0).values.clamp(min=1.0)
     coef = torch.linalg.lstsq(x / scale, y[:, None]).solution[:, 0] / scale
     if bool((coef < 0).any()):  # fall back to the single term that fits alone
@@ -249,11 +255,55 @@ def fit_cost_model(jobs: Sequence[LayerJob], seconds: Mapping[str, float]) -> di
     r2 = 1.0 - float(((y - pred) ** 2).sum() / ((y - y.mean()) ** 2).sum().clamp(min=1e-30))
     return {
         "seconds_per_mac": float(coef[0]),
-        "seconds_per_weight": float(coef[1]),
-        "macs_per_second": 1.0 / float(coef[0]) if coef[0] > 0 else None,
+        "seconds_per_job": float(coef[1]),
         "r2": r2,
         "total_relative_error": total_err,
         "layers": len(rows),
+    }
+
+
+def distance_pass_rate(block_size: int, k: int, n: int = 1 << 20) -> float:
+    """Multiply-adds per second of one assignment pass on one thread, as quantize runs it.
+
+    The assigner is the one the quantize path picks (faiss when installed, else torch), on
+    ``n`` random blocks against ``k`` centroids; the best of 3 passes after a warm-up.
+    """
+    from dist_pgkm.kmeans.assign import make_assigner
+    from dist_pgkm.utils.optional import set_threads
+
+    threads = torch.get_num_threads()
+    set_threads(1)
+    try:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(n, block_size, generator=g)
+        c = torch.randn(k, block_size, generator=g)
+        assigner = make_assigner(x)
+        assigner.assign(c)
+        best = math.inf
+        for _ in range(3):
+            t0 = time.perf_counter()
+            assigner.assign(c)
+            best = min(best, time.perf_counter() - t0)
+    finally:
+        set_threads(threads)
+    return n * k * block_size / best
+
+
+def split_cost_model(fit: Mapping[str, Any], rate: float, k: int, n_iter: int) -> dict[str, Any]:
+    """The fitted size-proportional time split into distance passes and per-weight work.
+
+    ``1 / rate`` of each multiply-add is the distance pass; the rest of ``a``, times the
+    multiply-adds per weight at the fitted preset (``K x n_iter``), is per-weight work that a
+    GPU would not speed up in the projection (kept at this core's speed: conservative).
+    """
+    per_mac_other = max(0.0, fit["seconds_per_mac"] - 1.0 / rate)
+    return {
+        **fit,
+        "distance_macs_per_second": rate,
+        "distance_share": min(1.0, (1.0 / rate) / fit["seconds_per_mac"])
+        if fit["seconds_per_mac"] > 0
+        else 0.0,
+        "seconds_per_weight": per_mac_other * k * n_iter,
     }
 
 
@@ -288,8 +338,9 @@ def lpt_makespan(durations: Sequence[float], workers: int) -> float:
     return max(loads)
 
 
-def _job_seconds(job: LayerJob, seconds_per_mac: float, seconds_per_weight: float) -> float:
-    return job.est_cost * seconds_per_mac + job.n_weights * seconds_per_weight
+def _job_seconds(job: LayerJob, cost: Mapping[str, Any]) -> float:
+    """A job's predicted time on one core of this machine (the fitted model)."""
+    return float(job.est_cost * cost["seconds_per_mac"] + cost["seconds_per_job"])
 
 
 def project(cost: Mapping[str, Any], n_iter: int) -> list[dict[str, Any]]:
@@ -306,6 +357,7 @@ def project(cost: Mapping[str, Any], n_iter: int) -> list[dict[str, Any]]:
                 durations = [
                     job.est_cost / rate
                     + job.n_weights * cost["seconds_per_weight"]
+                    + cost["seconds_per_job"]
                     + job.n_weights * 2 / READ_BYTES_PER_S  # bf16 weights
                     for job in jobs
                 ]
@@ -399,8 +451,6 @@ def write_llama_checkpoint(
 def run_benchmark(options: ScalingOptions, progress: ProgressHook | None = None) -> ScalingReport:
     """Run the cases, fit the cost model, project, and (full mode) quantize the 1.1B model."""
     from dist_pgkm.models import offline
-    from dist_pgkm.models.layers import find_layers
-    from dist_pgkm.models.source import open_source
 
     report_progress = progress or (lambda done, total, description: None)
     start = time.perf_counter()
@@ -427,23 +477,62 @@ def run_benchmark(options: ScalingOptions, progress: ProgressHook | None = None)
             out = work / f"smollm2-{i}"
             report.runs.append(_run_row(label, run_quantize(model, preset, out, args, env)))
             shutil.rmtree(out, ignore_errors=True)
-        one_thread = next(r for r in report.runs if r["case"] == "in-process, 1 thread")
-        jobs = plan_run(find_layers(open_source(model)), config).jobs
-        report.cost_model = fit_cost_model(jobs, one_thread["layer_seconds"])
-        report.cost_model["fitted_on"] = f"SmolLM2-135M, {report.preset}, in-process, 1 thread"
-        report.projection = project(report.cost_model, config.n_iter)
         if big:
             report_progress(len(cases), steps, "1.1B Llama-shaped checkpoint")
-            report.big = _big_run(work, preset, config, report.cost_model)
+            report.big = _big_run(work, preset)
     report_progress(steps, steps, "done")
-    report.targets = compute_targets(report)
+    analyse(report, config)
     report.seconds = time.perf_counter() - start
     return report
 
 
-def _big_run(
-    work: Path, preset: Path, config: QuantizeConfig, cost: Mapping[str, Any]
-) -> dict[str, Any]:
+def analyse(report: ScalingReport, config: QuantizeConfig) -> None:
+    """Fit the cost model to the 1-thread run, project, predict the 1.1B run, check targets.
+
+    Pure analysis of ``report.runs`` (and ``report.big``), so it can be redone on a saved
+    report (``bench scaling --from-json``) without running anything again.
+    """
+    from dist_pgkm.models import offline
+    from dist_pgkm.models.layers import find_layers
+    from dist_pgkm.models.source import open_source
+
+    one_thread = _case(report, "in-process, 1 thread")
+    if one_thread is None:
+        raise ValueError("the report has no 'in-process, 1 thread' run to fit the cost model")
+    jobs = plan_run(find_layers(open_source(offline.smollm2_dir())), config).jobs
+    fit = fit_cost_model(jobs, one_thread["layer_seconds"])
+    largest = max(jobs, key=lambda j: j.est_cost)
+    rate = distance_pass_rate(largest.block_size, largest.k)
+    report.cost_model = split_cost_model(fit, rate, largest.k, config.n_iter)
+    report.cost_model["fitted_on"] = f"SmolLM2-135M, {report.preset}, in-process, 1 thread"
+    report.projection = project(report.cost_model, config.n_iter)
+    if report.big is not None:
+        big_jobs = plan_run(llama_layers(LLAMA_SHAPES["TinyLlama-1.1B"]), config).jobs
+        per_job = [_job_seconds(j, report.cost_model) for j in big_jobs]
+        report.big["predicted_quantize_seconds"] = lpt_makespan(per_job, 2)
+    report.analysis_commit = git_commit()
+    report.targets = compute_targets(report)
+
+
+def reanalyse(path: Path) -> ScalingReport:
+    """A saved report (``--json`` of an earlier run) with the analysis done again."""
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    report = ScalingReport(
+        mode=data["mode"],
+        command=data["command"],
+        machine=data["machine"],
+        commit=data["commit"],
+        date=data["date"],
+        preset=data["preset"],
+        runs=data["runs"],
+        big=data.get("big"),
+        seconds=data.get("seconds", 0.0),
+    )
+    analyse(report, load_config(_CONFIGS / f"{report.preset}.yaml"))
+    return report
+
+
+def _big_run(work: Path, preset: Path) -> dict[str, Any]:
     shape = LLAMA_SHAPES["TinyLlama-1.1B"]
     src = work / "llama-1.1b"
     t0 = time.perf_counter()
@@ -451,8 +540,6 @@ def _big_run(
     write_s = time.perf_counter() - t0
     out = work / "llama-1.1b-q"
     summary = run_quantize(src, preset, out, ("--workers", "2"))
-    jobs = plan_run(llama_layers(shape), config).jobs
-    per_job = [_job_seconds(j, cost["seconds_per_mac"], cost["seconds_per_weight"]) for j in jobs]
     row = _run_row("TinyLlama-1.1B shape, Ray, 2 workers x 1 CPU", summary)
     row.pop("layer_seconds")
     shutil.rmtree(out, ignore_errors=True)
@@ -462,7 +549,7 @@ def _big_run(
         "params": params,
         "source_bytes": params * 2,
         "write_seconds": write_s,
-        "predicted_quantize_seconds": lpt_makespan(per_job, 2),
+        "predicted_quantize_seconds": None,  # set by analyse()
         "bits_per_weight": summary["checkpoint"]["bits_per_weight"],
         "checkpoint_bytes": summary["checkpoint"]["checkpoint_bytes"],
     }
@@ -591,19 +678,24 @@ _PROJECTION_COLUMNS = ("model", "preset", "GPUs", "jobs", "T multiply-adds", "lo
 
 def assumptions(report: ScalingReport) -> list[str]:
     cost = report.cost_model
-    rate = cost.get("macs_per_second")
+    rate = cost.get("distance_macs_per_second") or 0.0
     return [
-        f"Cost model fitted on {cost.get('fitted_on')}: seconds = a x multiply-adds + b x "
-        f"weights, a = {cost.get('seconds_per_mac', 0):.3g} s ({(rate or 0) / 1e9:.2f} G "
-        f"multiply-adds/s on one core), b = {cost.get('seconds_per_weight', 0):.3g} s/weight; "
-        f"R^2 {cost.get('r2', 0):.3f} over {cost.get('layers')} layers, total off by "
+        f"Cost model fitted on {cost.get('fitted_on')}: seconds = a x multiply-adds + c per "
+        f"layer, a = {cost.get('seconds_per_mac', 0):.3g} s, c = "
+        f"{cost.get('seconds_per_job', 0):.3g} s; R^2 {cost.get('r2', 0):.3f} over "
+        f"{cost.get('layers')} layers, total off by "
         f"{100 * cost.get('total_relative_error', 0):+.1f}%.",
+        f"Of a, the distance passes are {100 * cost.get('distance_share', 0):.0f}%: one "
+        f"assignment pass runs at {rate / 1e9:.2f} G multiply-adds/s on one core here "
+        "(measured with the same assigner, same block size and K). The rest is per-weight work "
+        f"(partitioning, updates, encoding): b = {cost.get('seconds_per_weight', 0):.3g} "
+        "s/weight, kept at this core's speed on GPUs (conservative).",
         "Multiply-adds of a layer: blocks x K x block size x n_iter (every iteration one full "
         "distance pass; PG k-means adds no pass for empty clusters).",
         f"GPU distance passes at {GPU_EFFICIENCY:.0%} of dense FP32 peak (A100 "
         f"{GPU_PEAK_FP32_FLOPS['A100'] / 1e12:g} TFLOP/s, H100 "
-        f"{GPU_PEAK_FP32_FLOPS['H100'] / 1e12:g} TFLOP/s; no TF32); the per-weight term b as "
-        "measured on this CPU core; weights read at "
+        f"{GPU_PEAK_FP32_FLOPS['H100'] / 1e12:g} TFLOP/s; no TF32); b and c as measured here; "
+        "weights read at "
         f"{READ_BYTES_PER_S / 1e9:g} GB/s per worker; {RAY_START_S:.0f} s to start.",
         "Jobs scheduled longest first onto the least loaded GPU (the executor's order); one job "
         "per GPU at a time; the merge (streaming, about the checkpoint's size in writes) is not "
@@ -638,6 +730,12 @@ def render_report(console: Console, report: ScalingReport) -> None:
     console.print(targets_rich_table(report.targets))
 
 
+def _reanalysed(report: ScalingReport) -> str:
+    if report.analysis_commit and report.analysis_commit != report.commit:
+        return f" · analysis (cost model, projection) redone at `{report.analysis_commit}`"
+    return ""
+
+
 def markdown_section(report: ScalingReport) -> str:
     base = _case(report, "in-process, 1 thread")
     lines = [
@@ -650,7 +748,7 @@ def markdown_section(report: ScalingReport) -> str:
         "",
         f"Command: `{report.command}` ({report.seconds:.0f} s)",
         "",
-        machine_line(report.machine, report.commit, report.date),
+        machine_line(report.machine, report.commit, report.date) + _reanalysed(report),
         "",
         markdown_table(_RUN_COLUMNS, [_run_cells(r, base) for r in report.runs]),
     ]
@@ -674,7 +772,8 @@ def markdown_section(report: ScalingReport) -> str:
 
 def projection_section(report: ScalingReport) -> str:
     lines = [
-        f"Computed by `{report.command}` on commit {report.commit or 'unknown'} ({report.date}).",
+        f"Computed by `{report.command}` on commit {report.commit or 'unknown'} ({report.date})"
+        f"{_reanalysed(report)}.",
         "",
         "Assumptions:",
         "",

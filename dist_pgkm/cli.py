@@ -560,8 +560,11 @@ def _run_bench_scaling(args: argparse.Namespace) -> int:
         work_dir=args.work_dir,
         command=shlex.join(["dist-pgkm", *args.argv]),
     )
-    with _progress() as update:
-        report = scaling.run_benchmark(options, progress=update)
+    if args.from_json is not None:
+        report = scaling.reanalyse(args.from_json)
+    else:
+        with _progress() as update:
+            report = scaling.run_benchmark(options, progress=update)
     scaling.render_report(_stdout_console(), report)
     if args.json is not None:
         write_json(args.json, report.as_dict())
@@ -584,6 +587,12 @@ def _register_bench_scaling(subparsers: Subparsers, parents: list[argparse.Argum
     p.add_argument("--quick", action="store_true", help="4 SmolLM2 cases, no 1.1B run (~6-8 min)")
     p.add_argument("--preset", default="ptq-4bit.yaml", metavar="FILE", help="a file in configs/")
     p.add_argument("--no-big", action="store_true", help="skip the 1.1B-parameter run")
+    p.add_argument(
+        "--from-json",
+        type=Path,
+        metavar="PATH",
+        help="run nothing: redo the cost model, projection and targets of a saved report",
+    )
     p.add_argument("--json", type=Path, metavar="PATH", help="write the report as JSON")
     p.add_argument(
         "--md",

@@ -50,24 +50,32 @@ def _job(name: str, cost: float, n: int) -> LayerJob:
 
 
 def test_cost_model_recovers_both_terms() -> None:
-    jobs = [
-        _job(f"l{i}", cost, n) for i, (cost, n) in enumerate([(1e9, 1e5), (4e9, 1e6), (2e8, 3e6)])
-    ]
-    seconds = {j.name: 2e-9 * j.est_cost + 5e-7 * j.n_weights for j in jobs}
+    sizes = [(1e9, 100_000), (4e9, 1_000_000), (2e8, 3_000_000)]
+    jobs = [_job(f"l{i}", cost, n) for i, (cost, n) in enumerate(sizes)]
+    seconds = {j.name: 2e-9 * j.est_cost + 0.3 for j in jobs}
     fit = scaling.fit_cost_model(jobs, seconds)
     assert fit["seconds_per_mac"] == pytest.approx(2e-9, rel=1e-9)
-    assert fit["seconds_per_weight"] == pytest.approx(5e-7, rel=1e-9)
+    assert fit["seconds_per_job"] == pytest.approx(0.3, rel=1e-9)
     assert fit["r2"] == pytest.approx(1.0)
-    assert fit["macs_per_second"] == pytest.approx(5e8)
+    assert fit["total_relative_error"] == pytest.approx(0.0, abs=1e-12)
+    # Distance passes at 1e9 multiply-adds/s: half of a; the other half per weight (K 256, 15 it).
+    split = scaling.split_cost_model(fit, 1e9, k=256, n_iter=15)
+    assert split["distance_share"] == pytest.approx(0.5)
+    assert split["seconds_per_weight"] == pytest.approx(1e-9 * 256 * 15)
 
 
 def test_cost_model_never_goes_negative() -> None:
-    # Time falls as weights grow at equal cost: the two-term fit would give b < 0.
-    jobs = [_job("a", 1e9, 10), _job("b", 2e9, 1_000_000), _job("c", 3e9, 5)]
-    seconds = {"a": 1.0, "b": 1.9, "c": 3.0}
+    # Time falls as cost grows: the two-term fit would give a < 0.
+    jobs = [_job("a", 1e9, 10), _job("b", 2e9, 10), _job("c", 3e9, 10)]
+    seconds = {"a": 3.0, "b": 2.0, "c": 1.0}
     fit = scaling.fit_cost_model(jobs, seconds)
-    assert fit["seconds_per_mac"] > 0
-    assert fit["seconds_per_weight"] == 0.0
+    assert fit["seconds_per_mac"] == 0.0
+    assert fit["seconds_per_job"] == pytest.approx(2.0)
+
+
+def test_distance_pass_rate_is_measured() -> None:
+    rate = scaling.distance_pass_rate(2, 256, n=1 << 16)
+    assert 1e7 < rate < 1e12  # multiply-adds per second on one core, a plausible range
 
 
 def test_lpt_makespan() -> None:
@@ -77,7 +85,7 @@ def test_lpt_makespan() -> None:
 
 
 def test_projection_counts_the_distance_work_of_every_weight() -> None:
-    fit = {"seconds_per_weight": 0.0}
+    fit = {"seconds_per_weight": 0.0, "seconds_per_job": 0.0}
     rows = scaling.project(fit, n_iter=15)
     row = next(
         r
@@ -100,14 +108,11 @@ def test_big_run_and_report_on_a_small_llama(
 ) -> None:
     """The 1.1B step end to end (real CLI, 2 Ray workers) on a small shape, then the report."""
     pytest.importorskip("ray", reason="Ray is not installed: pip install 'dist-pgkm[ray]'")
-    from dist_pgkm.config import load_config
 
     shape = dict(hidden=64, inter=128, layers=2, heads=4, kv=2, vocab=512)
     monkeypatch.setitem(scaling.LLAMA_SHAPES, "TinyLlama-1.1B", shape)
     preset = scaling._CONFIGS / "ptq-4bit.yaml"
-    config = load_config(preset)
-    cost = {"seconds_per_mac": 1e-9, "seconds_per_weight": 1e-6}
-    big = scaling._big_run(tmp_path, preset, config, cost)
+    big = scaling._big_run(tmp_path, preset)
     assert big["params"] == sum(math.prod(x.shape) for x in scaling.llama_layers(shape)) + 5 * 64
     assert big["layers"] == 7 * 2 + 2
     assert len(big["worker_peak_rss_bytes"]) == 2
@@ -115,6 +120,7 @@ def test_big_run_and_report_on_a_small_llama(
     assert 4.0 < big["bits_per_weight"] < 6.0  # 8-bit codes per 2 weights + fp16 codebooks
     assert not (tmp_path / "llama-1.1b").exists()  # the 2 GB source is not left behind
 
+    big["predicted_quantize_seconds"] = 1.0
     report = scaling.ScalingReport("full", "cmd", {}, None, "today", "ptq-4bit", big=big)
     report.runs = [
         {**big, "case": case, "seconds": s, "layer_seconds": {}}
