@@ -235,6 +235,10 @@ def shutdown_distributed() -> None:
     import torch.distributed as dist
 
     if dist.is_initialized():
+        if dist.get_world_size() > 1:
+            # No rank tears its gloo pairs down while another still talks to it (a rank that
+            # left early made the other abort: "terminate called without an active exception").
+            dist.barrier()
         dist.destroy_process_group()
     for name in _env_we_set:
         os.environ.pop(name, None)

@@ -15,6 +15,11 @@ RULE = {"match": "re:.*", "block_size": 2, "k": 256}
 
 @pytest.mark.parametrize("preset", sorted(p.name for p in CONFIGS.glob("*.yaml")))
 def test_every_preset_is_valid(preset: str) -> None:
+    if preset.endswith("-finetune.yaml"):  # a finetune config naming a quantize preset
+        from dist_pgkm.config.finetune import load_finetune_config
+
+        assert load_finetune_config(CONFIGS / preset).quantize.rules
+        return
     config = load_config(CONFIGS / preset)
     assert config.rules
 
