@@ -33,7 +33,14 @@ from dist_pgkm.utils.memory import peak_rss_bytes
 if TYPE_CHECKING:
     from dist_pgkm.distributed.ray_executor import RayOptions
 
-__all__ = ["Progress", "RunSummary", "fingerprint", "quantize_model", "shard_path"]
+__all__ = [
+    "Progress",
+    "RunSummary",
+    "fingerprint",
+    "package_version",
+    "quantize_model",
+    "shard_path",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +48,8 @@ Progress = Callable[[ProgressSnapshot], None]
 """Called with a fresh snapshot whenever a worker or a job changes state."""
 
 
-def _version() -> str:
+def package_version() -> str:
+    """The installed dist-pgkm version (the source tree's when not installed)."""
     try:
         return importlib.metadata.version("dist-pgkm")
     except importlib.metadata.PackageNotFoundError:
@@ -53,7 +61,7 @@ def _version() -> str:
 def fingerprint(source: ModelSource, config: QuantizeConfig, plan: Plan) -> dict[str, Any]:
     """What decides a run's bytes: package version, config, source files, planned layers."""
     return {
-        "dist_pgkm_version": _version(),
+        "dist_pgkm_version": package_version(),
         "config": config.model_dump(mode="json"),
         "source": source.fingerprint(),
         "layers": [[job.name, list(job.shape), job.block_size, job.k] for job in plan.jobs],

@@ -30,7 +30,6 @@ continues from its last DeepSpeed checkpoint; batches and Quant-Noise masks are 
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import json
 import logging
 import shutil
@@ -49,7 +48,7 @@ from dist_pgkm.checkpoint.merge import QuantizedLayer, merge_checkpoint
 from dist_pgkm.checkpoint.shard import decode_layer, encode_layer, read_shard, write_shard
 from dist_pgkm.config.finetune import FinetuneConfig
 from dist_pgkm.config.quantize import LayerRule, QuantizeConfig
-from dist_pgkm.distributed.coordinator import quantize_model, shard_path
+from dist_pgkm.distributed.coordinator import package_version, quantize_model, shard_path
 from dist_pgkm.distributed.plan import LayerJob, plan_run
 from dist_pgkm.errors import CheckpointError, ConfigError
 from dist_pgkm.finetune.data import Batches, training_sequences
@@ -140,15 +139,6 @@ def stage_layers(jobs: Sequence[LayerJob], config: FinetuneConfig) -> list[list[
             "`match` patterns (full-match regexes, `re:` prefix) or remove the stage."
         )
     return stages
-
-
-def _version() -> str:
-    try:
-        return importlib.metadata.version("dist-pgkm")
-    except importlib.metadata.PackageNotFoundError:
-        from dist_pgkm import __version__
-
-        return __version__
 
 
 # --- state -------------------------------------------------------------------------------------
@@ -290,7 +280,7 @@ def finetune_model(
     sequences = training_sequences(train_ids, config.train.seq_len)
     batches = Batches(sequences, config.train.batch_size, config.seed)
     fingerprint = {
-        "dist_pgkm_version": _version(),
+        "dist_pgkm_version": package_version(),
         "config": config.sha256,
         "source": hashlib.sha256(json.dumps(source.fingerprint()).encode()).hexdigest(),
         "text": hashlib.sha256(train_ids.numpy().tobytes()).hexdigest(),
