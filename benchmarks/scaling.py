@@ -51,6 +51,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from dist_pgkm.checkpoint.shard import file_sha256
 from dist_pgkm.config.quantize import QuantizeConfig, load_config
 from dist_pgkm.distributed.plan import LayerJob, plan_run
 from dist_pgkm.models.layers import LayerInfo
@@ -168,18 +169,10 @@ class ScalingReport:
 # --- running the real command ------------------------------------------------------------------
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _checkpoint_digest(out: Path) -> str:
     """One digest over the checkpoint's tensor files (report and manifest excluded)."""
     files = sorted(out.glob("model*.safetensors"))
-    return hashlib.sha256("".join(_sha256(f) for f in files).encode()).hexdigest()
+    return hashlib.sha256("".join(file_sha256(f) for f in files).encode()).hexdigest()
 
 
 def run_quantize(
