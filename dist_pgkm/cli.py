@@ -410,6 +410,9 @@ def _run_finetune(args: argparse.Namespace) -> int:
             workers=args.workers,
             address=args.address,
             progress=update,
+            ray_ranks=args.ranks,
+            cpus_per_rank=args.cpus_per_rank,
+            gpus_per_rank=args.gpus_per_rank,
         )
     info = describe(args.out)
     console = _stdout_console()
@@ -460,7 +463,19 @@ def _register_finetune(subparsers: Subparsers, parents: list[argparse.ArgumentPa
     )  # fmt: skip
     p.add_argument(
         "--address", default=None, metavar="HOST:PORT",
-        help="quantize on the Ray cluster at HOST:PORT (or 'auto')",
+        help="the Ray cluster at HOST:PORT (or 'auto') for --workers or --ranks",
+    )  # fmt: skip
+    p.add_argument(
+        "--ranks", type=_non_negative_int, default=0, metavar="N",
+        help="train on N Ray Train workers (0: this process, or torchrun's ranks)",
+    )  # fmt: skip
+    p.add_argument(
+        "--cpus-per-rank", type=_positive_int, default=1, metavar="N",
+        help="CPUs (threads) of each Ray Train worker (default 1)",
+    )  # fmt: skip
+    p.add_argument(
+        "--gpus-per-rank", type=float, default=0.0, metavar="F",
+        help="GPUs of each Ray Train worker (default 0: CPU training)",
     )  # fmt: skip
     p.add_argument("--json", type=Path, metavar="PATH", help="write the run summary as JSON")
     p.set_defaults(handler=_run_finetune)

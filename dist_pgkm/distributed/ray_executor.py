@@ -165,7 +165,7 @@ def run_on_ray(
     """
     if not jobs:
         return
-    with _ray_session(options) as n_workers:
+    with ray_session(options) as n_workers:
         _Scheduler(model, config, options, on_result, tracker).run(jobs, n_workers)
 
 
@@ -257,8 +257,12 @@ def _node_ip_for(address: str) -> str | None:
 
 
 @contextlib.contextmanager
-def _ray_session(options: RayOptions) -> Iterator[int]:
-    """Start an embedded Ray or join a cluster; yield the number of workers to run."""
+def ray_session(options: RayOptions, log_to_driver: bool = False) -> Iterator[int]:
+    """Start an embedded Ray or join a cluster; yield the number of workers to run.
+
+    ``log_to_driver``: print the workers' output here (Ray Train ranks report progress that
+    way); by default it stays in Ray's log files.
+    """
     if ray.is_initialized():
         raise DistributedError(
             "Ray is already initialized in this process; dist-pgkm starts and stops its own "
@@ -278,7 +282,7 @@ def _ray_session(options: RayOptions) -> Iterator[int]:
                     num_cpus=options.workers * options.cpus_per_worker,
                     num_gpus=_local_gpus(options),
                     include_dashboard=False,
-                    log_to_driver=False,
+                    log_to_driver=log_to_driver,
                     configure_logging=False,
                     _temp_dir=temp_dir,
                 )
@@ -288,7 +292,7 @@ def _ray_session(options: RayOptions) -> Iterator[int]:
                     ray.init(
                         address=address,
                         include_dashboard=False,
-                        log_to_driver=False,
+                        log_to_driver=log_to_driver,
                         configure_logging=False,
                         _node_ip_address=_node_ip_for(address),
                     )

@@ -31,6 +31,7 @@ import socket
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -69,6 +70,10 @@ MARKER = "latest_complete.json"
 
 _MARKER_FORMAT = 1
 _CLIENT_KEY = "dist_pgkm"  # our client state, nested so it cannot collide with DeepSpeed's keys
+COLLECTIVE_TIMEOUT = timedelta(hours=4)
+"""How long a collective waits for the other ranks. Long, because in ``finetune`` the ranks
+wait at a barrier while rank 0 quantizes a stage (hours for a 70B model on few workers)."""
+
 _LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 _env_we_set: list[str] = []  # variables init_distributed invented for a single process
 
@@ -213,6 +218,7 @@ def init_distributed() -> tuple[int, int]:
             init_method="env://",
             rank=int(env["RANK"]),
             world_size=int(env["WORLD_SIZE"]),
+            timeout=COLLECTIVE_TIMEOUT,
         )
     if not cuda:
         # deepspeed.ops.__compatible_ops__ is only read by comm/torch.py's build_shm_op; an op

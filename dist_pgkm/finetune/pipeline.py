@@ -29,6 +29,8 @@ continues from its last DeepSpeed checkpoint; batches and Quant-Noise masks are 
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -50,7 +52,7 @@ from dist_pgkm.config.finetune import FinetuneConfig
 from dist_pgkm.config.quantize import LayerRule, QuantizeConfig
 from dist_pgkm.distributed.coordinator import package_version, quantize_model, shard_path
 from dist_pgkm.distributed.plan import LayerJob, plan_run
-from dist_pgkm.errors import CheckpointError, ConfigError
+from dist_pgkm.errors import CheckpointError, ConfigError, DistPGKMError, DistributedError
 from dist_pgkm.finetune.data import Batches, training_sequences
 from dist_pgkm.kmeans.types import KMeansStats
 from dist_pgkm.models.layers import find_layers
@@ -99,6 +101,7 @@ class FinetuneSummary:
     peak_rss_bytes: int
     resumed_from: dict[str, Any] | None = None
     tokens_per_second: float = 0.0
+    ranks: int = 1
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -110,7 +113,13 @@ class FinetuneSummary:
             "peak_rss_bytes": self.peak_rss_bytes,
             "resumed_from": self.resumed_from,
             "tokens_per_second": self.tokens_per_second,
+            "ranks": self.ranks,
         }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FinetuneSummary:
+        """The inverse of :meth:`as_dict` (a summary sent back by a Ray Train rank)."""
+        return cls(**{**data, "out_dir": Path(data["out_dir"])})
 
 
 def stage_layers(jobs: Sequence[LayerJob], config: FinetuneConfig) -> list[list[LayerJob]]:
@@ -148,6 +157,7 @@ def stage_layers(jobs: Sequence[LayerJob], config: FinetuneConfig) -> list[list[
 class _State:
     path: Path
     data: dict[str, Any]
+    writer: bool = True  # rank 0 writes the file; the other ranks keep the same data in memory
 
     @classmethod
     def open(cls, out: Path, fingerprint: dict[str, Any], resume: bool) -> _State:
@@ -170,7 +180,7 @@ class _State:
                 f"{out}: --resume given, but there is no fine-tuning run to resume "
                 f"({STATE_NAME} is missing). Drop --resume to start one."
             )
-        if out.exists() and any(p.name != ".lock" for p in out.iterdir()):
+        if out.exists() and any(p.name not in (".lock", RAY_TRAIN_DIR) for p in out.iterdir()):
             raise CheckpointError(
                 f"{out} is not empty and holds no fine-tuning run. Choose an empty or new "
                 "--out directory."
@@ -182,7 +192,75 @@ class _State:
         return state
 
     def save(self) -> None:
-        atomic_write_json(self.path, self.data)
+        if self.writer:
+            atomic_write_json(self.path, self.data)
+
+
+class _Ranks:
+    """This process's rank in the training group, and what only rank 0 does.
+
+    Rank 0 alone writes to the output directory (state, quantize phases, stage weights, the
+    merged checkpoint); the other ranks wait for it and share its result, or its error, so that
+    a failure on rank 0 stops every rank at once instead of leaving them in a collective.
+    """
+
+    def __init__(self, rank: int, world: int) -> None:
+        self.rank, self.world = rank, world
+
+    @property
+    def leader(self) -> bool:
+        return self.rank == 0
+
+    def on_leader(self, fn: Callable[[], Any]) -> Any:
+        """``fn()`` on rank 0; every rank returns its result or raises its error."""
+        result: Any = None
+        error: BaseException | None = None
+        if self.leader:
+            try:
+                result = fn()
+            except Exception as exc:  # shared with the other ranks, then re-raised here
+                error = exc
+        if self.world > 1:
+            import torch.distributed as dist
+
+            shared = [(result, _shareable(error))]
+            dist.broadcast_object_list(shared, src=0)
+            result, other_error = shared[0]
+            if not self.leader:
+                error = other_error
+        if error is not None:
+            raise error
+        return result
+
+    def mean(self, value: float) -> float:
+        """``value`` averaged over the ranks."""
+        return self._reduce(value, "sum") / self.world
+
+    def max(self, value: float) -> float:
+        """The largest ``value`` of any rank."""
+        return self._reduce(value, "max")
+
+    def _reduce(self, value: float, op: str) -> float:
+        if self.world == 1:
+            return value
+        import torch.distributed as dist
+
+        t = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+        return float(t.item())
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+
+def _shareable(error: BaseException | None) -> BaseException | None:
+    """``error`` itself when it is one of ours (they pickle), else a DistributedError naming it."""
+    if error is None or isinstance(error, DistPGKMError):
+        return error
+    return DistributedError(f"rank 0 failed: {type(error).__name__}: {error}")
 
 
 # --- model surgery -----------------------------------------------------------------------------
@@ -250,6 +328,9 @@ def finetune_model(
     address: str | None = None,
     progress: Progress | None = None,
     max_shard_bytes: int = 5 * 10**9,
+    ray_ranks: int = 0,
+    cpus_per_rank: int = 1,
+    gpus_per_rank: float = 0.0,
 ) -> FinetuneSummary:
     """Run the staged schedule of ``config`` on ``model`` into ``out_dir``.
 
@@ -260,8 +341,13 @@ def finetune_model(
         train_ids: The training corpus as 1-D token ids (evaluation windows are excluded here).
         resume: Require an existing run in ``out_dir``.
         workers, address: Where each stage's quantization runs (see ``quantize_model``).
-        progress: Called after every optimizer step.
+        progress: Called after every optimizer step (on rank 0; not with ``ray_ranks``,
+            where rank 0 logs a line per 1% of the steps instead).
         max_shard_bytes: Largest file of the merged checkpoint.
+        ray_ranks: Train on this many Ray Train workers (on the cluster at ``address``, or an
+            embedded Ray) instead of in this process; the quantize phases then run in rank 0's
+            process. 0: this process is the rank (alone, or one of torchrun's).
+        cpus_per_rank, gpus_per_rank: Resources of each Ray Train worker.
 
     Raises:
         ConfigError: A stage matches no layer; a layer is in no stage; DeepSpeed settings the
@@ -271,6 +357,16 @@ def finetune_model(
     """
     from dist_pgkm.finetune import engine as ds_engine
 
+    if ray_ranks and workers:
+        raise ConfigError(
+            f"--ranks {ray_ranks} with --workers {workers}: under Ray Train the quantize phases "
+            "run in rank 0's process, on its CPUs. Drop --workers."
+        )
+    if ray_ranks:
+        return _on_ray_train(
+            model, config, Path(out_dir), train_ids, resume, ray_ranks, address,
+            cpus_per_rank, gpus_per_rank, max_shard_bytes,
+        )  # fmt: skip
     start = time.perf_counter()
     out = Path(out_dir)
     ds_engine.check_hardware(config.deepspeed)
@@ -278,23 +374,36 @@ def finetune_model(
     plan = plan_run(find_layers(source), config.quantize)
     stages = stage_layers(plan.jobs, config)
     sequences = training_sequences(train_ids, config.train.seq_len)
-    batches = Batches(sequences, config.train.batch_size, config.seed)
+    rank, world = ds_engine.init_distributed()
+    ranks = _Ranks(rank, world)
+    if world > 1 and workers:
+        raise ConfigError(
+            f"--workers {workers} with {world} training ranks: the quantize phases run on rank "
+            "0 while the other ranks wait, and a Ray session inside a multi-rank job is not "
+            "supported. Drop --workers (or use --address to quantize on a separate cluster)."
+        )
+    # One global batch per step (batch_size per rank), each rank takes its slice.
+    batches = Batches(sequences, config.train.batch_size * world, config.seed)
     fingerprint = {
         "dist_pgkm_version": package_version(),
         "config": config.sha256,
         "source": hashlib.sha256(json.dumps(source.fingerprint()).encode()).hexdigest(),
         "text": hashlib.sha256(train_ids.numpy().tobytes()).hexdigest(),
+        "ranks": world,
     }
-    with exclusive_run(out):
-        state = _State.open(out, fingerprint, resume)
+    lock = exclusive_run(out) if ranks.leader else contextlib.nullcontext()
+    with lock:
+        state: _State = ranks.on_leader(lambda: _State.open(out, fingerprint, resume))
+        state.writer = ranks.leader
         resumed_from = (
             {"stage": state.data["stage"], "phase": state.data["phase"]}
             if state.data["stage"] or state.data["phase"] != "quantize" or state.data["history"]
             else None
         )
-        run = _Run(Path(model), config, out, state, stages, batches, workers, address, progress)
+        run = _Run(Path(model), config, out, state, stages, batches, workers, address, progress,
+                   ranks)  # fmt: skip
         run.execute()
-        files = run.merge(source, plan.jobs, max_shard_bytes)
+        files = ranks.on_leader(lambda: run.merge(source, plan.jobs, max_shard_bytes))
     seconds = time.perf_counter() - start
     return FinetuneSummary(
         out_dir=out,
@@ -302,10 +411,77 @@ def finetune_model(
         history=state.data["history"],
         files=files,
         seconds=seconds,
-        peak_rss_bytes=peak_rss_bytes(),
+        peak_rss_bytes=int(ranks.max(peak_rss_bytes())),  # of the largest rank
         resumed_from=resumed_from,
         tokens_per_second=run.tokens_per_second(),
+        ranks=world,
     )
+
+
+RAY_TRAIN_DIR = "ray-train"
+"""Ray Train's run records inside the output directory (``--ranks``)."""
+
+
+def _on_ray_train(
+    model: str | Path,
+    config: FinetuneConfig,
+    out: Path,
+    train_ids: torch.Tensor,
+    resume: bool,
+    ranks: int,
+    address: str | None,
+    cpus_per_rank: int,
+    gpus_per_rank: float,
+    max_shard_bytes: int,
+) -> FinetuneSummary:
+    from dist_pgkm.distributed.ray_executor import RayOptions
+    from dist_pgkm.distributed.ray_train import run_on_ray_train
+
+    if resume and not (out / STATE_NAME).is_file():
+        raise CheckpointError(
+            f"{out}: --resume given, but there is no fine-tuning run to resume ({STATE_NAME} "
+            "is missing). Drop --resume to start one."
+        )
+    arg = {
+        "model": str(Path(model).resolve()),
+        "config": config,
+        "out_dir": str(out.resolve()),
+        "train_ids": train_ids,
+        "max_shard_bytes": max_shard_bytes,
+    }
+    options = RayOptions(
+        address=address, cpus_per_worker=cpus_per_rank, gpus_per_worker=gpus_per_rank
+    )
+    result = run_on_ray_train(
+        _ray_rank_main, arg, ranks=ranks, options=options, storage=out / RAY_TRAIN_DIR
+    )
+    return FinetuneSummary.from_dict(result)
+
+
+def _ray_rank_main(arg: dict[str, Any]) -> dict[str, Any]:
+    """One Ray Train rank: the run, resumed if a restart finds it (Ray Train retries)."""
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logger.setLevel(logging.INFO)  # this module's lines (progress, stages), not every library's
+    every = max(1, arg["config"].total_steps // 100)
+
+    def log_progress(report: StepReport) -> None:
+        if report.done_steps % every == 0 or report.done_steps == report.total_steps:
+            eta = f", eta {report.eta_seconds:.0f} s" if report.eta_seconds is not None else ""
+            logger.info(  # reaches the driver's terminal through Ray's log forwarding
+                "stage %s (%d/%d) step %d/%d loss %.4f %s tokens/s%s",
+                report.stage, report.stage_index + 1, report.n_stages, report.step,
+                report.steps, report.loss, f"{report.tokens_per_second:,.0f}", eta,
+            )  # fmt: skip
+
+    summary = finetune_model(
+        arg["model"],
+        arg["config"],
+        arg["out_dir"],
+        arg["train_ids"],
+        progress=log_progress,
+        max_shard_bytes=arg["max_shard_bytes"],
+    )
+    return summary.as_dict()
 
 
 @dataclass
@@ -319,6 +495,7 @@ class _Run:
     workers: int
     address: str | None
     progress: Progress | None
+    ranks: _Ranks
     model: nn.Module = field(init=False)
     teacher: Any = field(init=False, default=None)
     _tokens: int = field(init=False, default=0)
@@ -345,7 +522,9 @@ class _Run:
             self._load_trained(current - 1)
         for i in range(current, len(self.stages)):
             if self.state.data["phase"] == "quantize":
-                self._quantize_stage(i)
+                self.ranks.on_leader(functools.partial(self._quantize_stage, i))
+                self._swap_stage(i)
+                self.ranks.on_leader(functools.partial(self._drop_stage_inputs, i))
                 self.state.data["phase"] = "train"
                 self.state.save()
             else:
@@ -384,11 +563,13 @@ class _Run:
             workers=self.workers,
             address=self.address,
         )
-        self._swap_stage(i)
-        # The merged copy and the source are not needed again: the shards are.
+
+    def _drop_stage_inputs(self, i: int) -> None:
+        """Delete the quantize run's merged copy and its source: the shards are all we need."""
+        q_dir = self.stage_dir(i) / "quantize"
         for name in ("model.safetensors", "model.safetensors.index.json"):
             (q_dir / name).unlink(missing_ok=True)
-        shutil.rmtree(stage_dir / "source", ignore_errors=True)
+        shutil.rmtree(self.stage_dir(i) / "source", ignore_errors=True)
 
     def _swap_stage(self, i: int) -> None:
         q_dir = self.stage_dir(i) / "quantize"
@@ -489,13 +670,15 @@ class _Run:
                 h for h in self.state.data["history"] if (h["stage"], h["step"]) < (i, step + 1)
             ]
             logger.info("Stage %s: resumed at step %d of %d", stage.name, step, stage.steps)
+        rank, per_rank = self.ranks.rank, train.batch_size
         try:
             while step < stage.steps:
                 t0 = time.perf_counter()
-                loss = self._step(engine, self.batches.get(i, step))
+                batch = self.batches.get(i, step)[rank * per_rank : (rank + 1) * per_rank]
+                loss = self.ranks.mean(self._step(engine, batch))
                 step += 1
                 self._train_seconds += time.perf_counter() - t0
-                self._tokens += train.batch_size * self.batches.seq_len
+                self._tokens += self.batches.batch_size * self.batches.seq_len
                 self.state.data["history"].append({"stage": i, "step": step, "loss": loss})
                 if step % self.config.deepspeed.checkpoint_every == 0 or step == stage.steps:
                     noise_state = noise.state_dict() if noise is not None else None
@@ -508,7 +691,9 @@ class _Run:
                 noise.remove()
         ds_engine.close(engine)  # puts full fp32 parameters back (ZeRO-3 partitions, bf16)
         trained = self.stage_dir(i) / "trained.safetensors"
-        write_shard(trained, _trainable_state(self.model), {"stage": str(i)})
+        self.ranks.on_leader(
+            lambda: write_shard(trained, _trainable_state(self.model), {"stage": str(i)})
+        )
 
     def _step(self, engine: Any, batch: torch.Tensor) -> float:
         train = self.config.train
@@ -539,7 +724,7 @@ class _Run:
         return total
 
     def _report(self, i: int, step: int, loss: float) -> None:
-        if self.progress is None:
+        if self.progress is None or not self.ranks.leader:
             return
         done = sum(s.steps for s in self.config.stages[:i]) + step
         total = self.config.total_steps
