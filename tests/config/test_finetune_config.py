@@ -12,12 +12,23 @@ from dist_pgkm.errors import ConfigError
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
-def test_preset_loads_with_its_quantize_config() -> None:
-    config = load_finetune_config(CONFIGS / "smollm2-135m-ipq-finetune.yaml")
+@pytest.mark.parametrize(
+    ("preset", "steps", "block_size", "k"),
+    [
+        ("smollm2-135m-ipq-finetune.yaml", 260, 8, 256),
+        ("smollm2-135m-3bit-finetune.yaml", 220, 4, 4096),
+    ],
+)
+def test_presets_load_with_their_quantize_config(
+    preset: str, steps: int, block_size: int, k: int
+) -> None:
+    config = load_finetune_config(CONFIGS / preset)
     assert [s.name for s in config.stages] == ["mlp", "embeddings", "attention"]
-    assert config.total_steps == 300
-    assert config.quantize.rule_for("model.layers.3.mlp.up_proj").block_size == 8  # type: ignore[union-attr]
-    assert config.deepspeed.zero_stage == 0
+    assert config.total_steps == steps
+    rule = config.quantize.rule_for("model.layers.3.mlp.up_proj")
+    assert rule is not None
+    assert (rule.block_size, rule.k) == (block_size, k)
+    assert (config.deepspeed.zero_stage, config.deepspeed.dtype) == (0, "bf16")
 
 
 @pytest.mark.parametrize(
