@@ -1,0 +1,24 @@
+"""Differentiable clusterers trained inside fine-tuning: DKM, IDKM, IDKM-JFB (LR²VQ to come).
+
+See :mod:`dist_pgkm.dkm.functional` and DESIGN.md §5.
+"""
+
+from dist_pgkm.dkm.functional import (
+    Method,
+    SolverStats,
+    centroid_step,
+    hard_assign,
+    soft_assignment,
+    soft_kmeans,
+    sq_distances,
+)
+
+__all__ = [
+    "Method",
+    "SolverStats",
+    "centroid_step",
+    "hard_assign",
+    "soft_assignment",
+    "soft_kmeans",
+    "sq_distances",
+]
