@@ -7,9 +7,11 @@ from dist_pgkm.dkm.functional import (
     Method,
     SolverStats,
     centroid_step,
+    centroid_step_chunked,
     hard_assign,
     soft_assignment,
     soft_kmeans,
+    soft_weight,
     sq_distances,
 )
 
@@ -17,8 +19,10 @@ __all__ = [
     "Method",
     "SolverStats",
     "centroid_step",
+    "centroid_step_chunked",
     "hard_assign",
     "soft_assignment",
     "soft_kmeans",
+    "soft_weight",
     "sq_distances",
 ]

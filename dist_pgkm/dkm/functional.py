@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, TypeVar, cast
 
 import torch
 
@@ -38,14 +38,17 @@ __all__ = [
     "Method",
     "SolverStats",
     "centroid_step",
+    "centroid_step_chunked",
     "hard_assign",
     "soft_assignment",
     "soft_kmeans",
+    "soft_weight",
     "sq_distances",
 ]
 
 Method = Literal["dkm", "idkm", "idkm-jfb"]
 _EPS = 1e-12
+_T = TypeVar("_T")
 
 
 def sq_distances(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -68,6 +71,57 @@ def centroid_step(x: torch.Tensor, c: torch.Tensor, tau: float) -> torch.Tensor:
     mass = a.sum(0)
     means = (a.T @ x) / mass.clamp_min(_EPS).unsqueeze(1)
     return torch.where((mass > _EPS).unsqueeze(1), means, c)
+
+
+def _chunk_sums(xs: torch.Tensor, c: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
+    a = soft_assignment(xs, c, tau)
+    return a.T @ xs, a.sum(0)
+
+
+def _chunk_weight(xs: torch.Tensor, c: torch.Tensor, tau: float) -> torch.Tensor:
+    return soft_assignment(xs, c, tau) @ c
+
+
+def _pieces(x: torch.Tensor, chunk: int | None) -> tuple[torch.Tensor, ...]:
+    return (x,) if chunk is None or chunk >= x.shape[0] else torch.split(x, chunk)
+
+
+def _checkpointed(fn: Callable[..., _T], *args: object) -> _T:
+    """``fn(*args)``, keeping only its inputs for the backward (recomputed there)."""
+    from torch.utils.checkpoint import checkpoint
+
+    return cast(_T, checkpoint(fn, *args, use_reentrant=False))
+
+
+def centroid_step_chunked(
+    x: torch.Tensor, c: torch.Tensor, tau: float, chunk: int | None
+) -> torch.Tensor:
+    """:func:`centroid_step` over row chunks of ``x``: the ``(n, k)`` attention never exists
+    whole. With autograd each chunk is checkpointed (its attention is recomputed in the
+    backward), so a step keeps only ``O(k m)`` of its own besides ``x``."""
+    if chunk is None or chunk >= x.shape[0]:
+        return centroid_step(x, c, tau)
+    num = torch.zeros_like(c)
+    mass = c.new_zeros(c.shape[0])
+    grad = torch.is_grad_enabled() and (x.requires_grad or c.requires_grad)
+    for xs in torch.split(x, chunk):
+        part = _checkpointed(_chunk_sums, xs, c, tau) if grad else _chunk_sums(xs, c, tau)
+        n_part, m_part = part
+        num, mass = num + n_part, mass + m_part
+    means = num / mass.clamp_min(_EPS).unsqueeze(1)
+    return torch.where((mass > _EPS).unsqueeze(1), means, c)
+
+
+def soft_weight(
+    x: torch.Tensor, c: torch.Tensor, tau: float, chunk: int | None = None
+) -> torch.Tensor:
+    """The sub-vectors DKM trains with: ``A(c, x) c``, ``(n, m)``, chunked like the steps."""
+    grad = torch.is_grad_enabled() and (x.requires_grad or c.requires_grad)
+    parts = [
+        _checkpointed(_chunk_weight, xs, c, tau) if grad and chunk else _chunk_weight(xs, c, tau)
+        for xs in _pieces(x, chunk)
+    ]
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
 def hard_assign(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -98,6 +152,7 @@ def soft_kmeans(
     solver_iters: int = 50,
     solver_tol: float = 1e-6,
     stats: SolverStats | None = None,
+    chunk: int | None = None,
 ) -> torch.Tensor:
     """Centroids after ``iters`` soft k-means steps from ``c0``, differentiable w.r.t. ``x``.
 
@@ -111,6 +166,9 @@ def soft_kmeans(
         solver_iters, solver_tol: IDKM's backward fixed-point solve: at most this many
             iterations, stopping when the update is below ``solver_tol`` relative to ``‖g‖``.
         stats: Filled with the solve's iterations and residual when the backward runs.
+        chunk: Rows of ``x`` per piece (None: one piece). Bounds the attention's memory to
+            ``chunk x k`` at a time; with autograd the pieces are checkpointed, so unrolled
+            DKM then keeps only the inputs of each step (and recomputes the rest backward).
 
     Returns:
         ``(k, m)`` centroids. With ``idkm``/``idkm-jfb`` the value is one step past the
@@ -129,17 +187,18 @@ def soft_kmeans(
     c = c0.detach()
     if method == "dkm":
         for _ in range(iters):
-            c = centroid_step(x, c, tau)
+            c = centroid_step_chunked(x, c, tau, chunk)
         return c
     if method not in ("idkm", "idkm-jfb"):
         raise InvalidInputError(f"method {method!r}: choose dkm, idkm or idkm-jfb.")
     with torch.no_grad():
         for _ in range(iters - 1):
-            c = centroid_step(x, c, tau)
+            c = centroid_step_chunked(x, c, tau, chunk)
     c_star = c.detach()
-    c_out = centroid_step(x, c_star, tau)  # the one step whose graph is kept
+    c_out = centroid_step_chunked(x, c_star, tau, chunk)  # the one step whose graph is kept
     if method == "idkm" and c_out.requires_grad:
-        c_out.register_hook(_implicit_hook(x, c_star, tau, solver_iters, solver_tol, stats))  # type: ignore[no-untyped-call]
+        hook = _implicit_hook(x, c_star, tau, solver_iters, solver_tol, stats, chunk)
+        c_out.register_hook(hook)  # type: ignore[no-untyped-call]
     return c_out
 
 
@@ -150,6 +209,7 @@ def _implicit_hook(
     max_iters: int,
     tol: float,
     stats: SolverStats | None,
+    chunk: int | None,
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """The gradient hook of IDKM: ``g ↦ v`` with ``v = g + (∂F/∂c)ᵀ v`` at ``c*``.
 
@@ -161,7 +221,7 @@ def _implicit_hook(
     def hook(g: torch.Tensor) -> torch.Tensor:
         with torch.enable_grad():
             c0 = c_star.detach().requires_grad_()
-            step = centroid_step(x.detach(), c0, tau)
+            step = centroid_step_chunked(x.detach(), c0, tau, chunk)
         v = g
         scale = float(g.norm()) or 1.0
         residual = float("nan")

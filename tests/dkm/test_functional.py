@@ -10,7 +10,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dist_pgkm.dkm import SolverStats, centroid_step, hard_assign, soft_assignment, soft_kmeans
+from dist_pgkm.dkm import (
+    SolverStats,
+    centroid_step,
+    hard_assign,
+    soft_assignment,
+    soft_kmeans,
+    soft_weight,
+)
 from dist_pgkm.errors import InvalidInputError
 
 N, M, K, TAU = 400, 4, 8, 1.0
@@ -143,3 +150,44 @@ def test_bad_input_is_named() -> None:
         soft_kmeans(x, torch.randn(3, 5), 1.0, 3)
     with pytest.raises(InvalidInputError, match="method"):
         soft_kmeans(x, c, 1.0, 3, "kmeans")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("method", ["dkm", "idkm", "idkm-jfb"])
+def test_chunks_give_the_same_centroids_and_gradients(
+    data: dict[str, torch.Tensor], method: str
+) -> None:
+    grads, centroids = [], []
+    for chunk in (None, 64, 37):  # 37 leaves a short last chunk
+        x = data["x"].clone().requires_grad_()
+        c = soft_kmeans(x, data["c0"], TAU, 20, method, chunk=chunk)  # type: ignore[arg-type]
+        w = soft_weight(x, c, TAU, chunk=chunk)
+        (w * data["probe"]).sum().backward()
+        assert x.grad is not None
+        grads.append(x.grad)
+        centroids.append(c.detach())
+    for c, g in zip(centroids[1:], grads[1:], strict=True):
+        torch.testing.assert_close(c, centroids[0], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(g, grads[0], rtol=1e-10, atol=1e-12)
+
+
+def test_chunks_bound_what_dkm_keeps(data: dict[str, torch.Tensor]) -> None:
+    """Chunked (checkpointed) steps keep their inputs only: no (n, k) attention per step."""
+
+    def saved(chunk: int | None) -> int:
+        """Bytes of the distinct storages autograd keeps, other than x's own."""
+        storages: dict[int, int] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            storage = t.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+            return t
+
+        x = data["x"].clone().requires_grad_()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            soft_kmeans(x, data["c0"], TAU, 16, "dkm", chunk=chunk)
+        storages.pop(x.untyped_storage().data_ptr(), None)
+        return sum(storages.values())
+
+    attention_bytes = N * K * 8
+    assert saved(None) > 16 * attention_bytes  # every step keeps its (n, k) attention (and more)
+    assert saved(50) < attention_bytes  # per step only the (k, m) centroids, and x's views
