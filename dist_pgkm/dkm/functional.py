@@ -26,6 +26,7 @@ They differ in how the gradient reaches ``x``:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, TypeVar, cast
@@ -48,6 +49,7 @@ __all__ = [
 
 Method = Literal["dkm", "idkm", "idkm-jfb"]
 _EPS = 1e-12
+_DIVERGED = 1e3  # residual (relative to |g|) taken as a diverging Neumann series
 _T = TypeVar("_T")
 
 
@@ -134,12 +136,17 @@ class SolverStats:
     """What IDKM's backward solve did (filled in when the backward runs).
 
     Attributes:
-        iterations: Fixed-point iterations of ``v = g + Jᵀ v``.
-        residual: ``‖v_new − v‖ / ‖g‖`` at the last iteration.
+        iterations: Fixed-point iterations of ``v = g + Jᵀ v`` (last backward).
+        residual: ``‖v_new − v‖ / ‖g‖`` at the last iteration (last backward).
+        fallback: Whether the last backward diverged and used the Jacobian-free gradient.
+        calls, fallbacks: Backward passes so far, and how many of them fell back.
     """
 
     iterations: int = 0
     residual: float = float("nan")
+    fallback: bool = False
+    calls: int = 0
+    fallbacks: int = 0
 
 
 def soft_kmeans(
@@ -184,7 +191,7 @@ def soft_kmeans(
         )
     if tau <= 0 or iters < 1:
         raise InvalidInputError(f"tau must be > 0 and iters >= 1 (got tau={tau}, iters={iters}).")
-    c = c0.detach()
+    c = c0.detach().clone()  # the caller may overwrite c0 (a warm-start buffer) before backward
     if method == "dkm":
         for _ in range(iters):
             c = centroid_step_chunked(x, c, tau, chunk)
@@ -226,15 +233,23 @@ def _implicit_hook(
         scale = float(g.norm()) or 1.0
         residual = float("nan")
         done = 0
+        fallback = False
         for done in range(1, max_iters + 1):  # noqa: B007 - `done` is reported below
             (jv,) = torch.autograd.grad(step, c0, v, retain_graph=True)
             v_next = g + jv
             residual = float((v_next - v).norm()) / scale
+            if not math.isfinite(residual) or residual > _DIVERGED:
+                # Far from a fixed point the series sum_i (J^T)^i g need not converge: use the
+                # Jacobian-free gradient for this step rather than a blown-up one.
+                v, fallback = g, True
+                break
             v = v_next
             if residual <= tol:
                 break
         if stats is not None:
-            stats.iterations, stats.residual = done, residual
+            stats.iterations, stats.residual, stats.fallback = done, residual, fallback
+            stats.calls += 1
+            stats.fallbacks += int(fallback)
         return v
 
     return hook

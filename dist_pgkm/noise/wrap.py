@@ -37,17 +37,20 @@ from dist_pgkm.utils.seeding import derive_seed
 
 __all__ = [
     "NOISE_LAYERS",
+    "LayerOps",
     "QuantNoise",
     "QuantNoiseHandle",
     "add_quant_noise",
+    "layer_ops",
     "quant_noise_handle",
     "remove_quant_noise",
+    "select_layers",
 ]
 
 
 @dataclass(frozen=True)
-class _LayerOps:
-    """How Quant-Noise treats one module type."""
+class LayerOps:
+    """How a weight wrapper (Quant-Noise, DKM) treats one module type."""
 
     shape: Callable[[nn.Module], tuple[int, ...]]  # weight shape from the module's attributes
     forward: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]  # (mod, w, input)
@@ -108,14 +111,15 @@ def _no_check(module: nn.Module, name: str) -> None:
     del module, name
 
 
-NOISE_LAYERS: dict[type[nn.Module], _LayerOps] = {
-    nn.Linear: _LayerOps(_linear_shape, _linear_forward, _no_check),
-    nn.Embedding: _LayerOps(_embedding_shape, _embedding_forward, _embedding_check),
-    nn.Conv2d: _LayerOps(_conv2d_shape, _conv2d_forward, _no_check),
+NOISE_LAYERS: dict[type[nn.Module], LayerOps] = {
+    nn.Linear: LayerOps(_linear_shape, _linear_forward, _no_check),
+    nn.Embedding: LayerOps(_embedding_shape, _embedding_forward, _embedding_check),
+    nn.Conv2d: LayerOps(_conv2d_shape, _conv2d_forward, _no_check),
 }
 
 
-def _ops_for(module: nn.Module) -> _LayerOps | None:
+def layer_ops(module: nn.Module) -> LayerOps | None:
+    """The ops of ``module``'s type (or a base class of it), None when it is not supported."""
     for base in type(module).__mro__:
         ops = NOISE_LAYERS.get(base)
         if ops is not None:
@@ -139,7 +143,7 @@ class QuantNoiseHandle:
         self,
         name: str,
         module: nn.Module,
-        ops: _LayerOps,
+        ops: LayerOps,
         p: float,
         block_size: int,
         mode: NoiseMode,
@@ -271,8 +275,14 @@ class QuantNoise:
         return f"QuantNoise({len(self)} layers: {', '.join(self.names[:4])}{more})"
 
 
-def _select(model: nn.Module, patterns: Sequence[str]) -> dict[str, nn.Module]:
-    """Modules named exactly, or supported modules fully matching a ``re:`` pattern."""
+def select_layers(model: nn.Module, patterns: Sequence[str]) -> dict[str, nn.Module]:
+    """Modules named exactly, or supported modules fully matching a ``re:`` pattern, in model
+    order.
+
+    Raises:
+        InvalidInputError: A bad regex, a pattern matching nothing, a missing or unsupported
+            module.
+    """
     modules = dict(model.named_modules())
     selected: dict[str, nn.Module] = {}
     supported = ", ".join(t.__name__ for t in NOISE_LAYERS)
@@ -287,7 +297,7 @@ def _select(model: nn.Module, patterns: Sequence[str]) -> dict[str, nn.Module]:
             hits = {
                 name: module
                 for name, module in modules.items()
-                if regex.fullmatch(name) and _ops_for(module) is not None
+                if regex.fullmatch(name) and layer_ops(module) is not None
             }
             if not hits:
                 raise InvalidInputError(
@@ -300,10 +310,10 @@ def _select(model: nn.Module, patterns: Sequence[str]) -> dict[str, nn.Module]:
                 f"{type(model).__name__} has no module named {pattern!r}; give exact names as in "
                 "model.named_modules(), or 're:' + a regular expression."
             )
-        elif _ops_for(modules[pattern]) is None:
+        elif layer_ops(modules[pattern]) is None:
             raise InvalidInputError(
-                f"{pattern} is a {type(modules[pattern]).__name__}; Quant-Noise supports "
-                f"{supported} (and their subclasses). Leave it out of the selection."
+                f"{pattern} is a {type(modules[pattern]).__name__}; only {supported} (and their "
+                "subclasses) can be wrapped. Leave it out of the selection."
             )
         else:
             selected[pattern] = modules[pattern]
@@ -353,7 +363,7 @@ def add_quant_noise(
     patterns = [match] if isinstance(match, str) else list(match)
     if not patterns:
         raise InvalidInputError("add_quant_noise needs at least one module name or re: pattern.")
-    selected = _select(model, patterns)
+    selected = select_layers(model, patterns)
     if mode != "quantize" and codebooks is not None:
         raise InvalidInputError(
             f"codebooks are only used in mode 'quantize', not {mode!r}; pass mode='quantize' "
@@ -369,7 +379,7 @@ def add_quant_noise(
             )
     handles: list[QuantNoiseHandle] = []
     for name, module in selected.items():
-        ops = _ops_for(module)
+        ops = layer_ops(module)
         assert ops is not None
         label = name or type(module).__name__  # "" is the model itself
         ops.check(module, label)

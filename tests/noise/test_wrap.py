@@ -223,7 +223,7 @@ def test_selection_add_and_remove(block: Block) -> None:
 
 
 def test_bad_selections_are_refused_before_anything_is_installed(block: Block) -> None:
-    with pytest.raises(InvalidInputError, match=r"norm is a LayerNorm; Quant-Noise supports"):
+    with pytest.raises(InvalidInputError, match=r"norm is a LayerNorm; only Linear"):
         add_quant_noise(block, ["query", "norm"], 0.1, 4)
     assert quant_noise_handle(block.query) is None  # nothing half-installed
     with pytest.raises(InvalidInputError, match=r"no module named 'qeury'"):
