@@ -15,7 +15,6 @@ from pathlib import Path
 
 import torch
 
-from dist_pgkm.checkpoint.atomic import atomic_open
 from dist_pgkm.errors import CheckpointError, InvalidInputError
 from dist_pgkm.pq.pack import bits_for, pack_codes, packed_nbytes, unpack_codes
 from dist_pgkm.pq.quantize import QuantizedWeight
@@ -154,15 +153,21 @@ def file_sha256(path: Path) -> str:
 def write_shard(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> str:
     """Write a safetensors file atomically (temp file, fsync, ``os.replace``, fsync dir).
 
+    The bytes are a pure function of the arguments (keys and metadata in the order given):
+    ``safetensors.torch.save`` writes the metadata in the iteration order of a Rust hash map,
+    which changes from one process to the next, so a resumed run's shards differed from an
+    uninterrupted run's in their header while holding the same tensors.
+
     Returns:
         The sha256 of the written file, for the manifest.
     """
-    from safetensors.torch import save
+    from dist_pgkm.checkpoint.writer import Entry, write_safetensors
 
-    data = save(tensors, metadata=meta)
-    with atomic_open(Path(path)) as f:
-        f.write(data)
-    return hashlib.sha256(data).hexdigest()
+    entries = [
+        Entry(key, t.dtype, tuple(t.shape), lambda t=t: t)  # type: ignore[misc]
+        for key, t in tensors.items()
+    ]
+    return write_safetensors(Path(path), entries, dict(meta))
 
 
 def read_shard(

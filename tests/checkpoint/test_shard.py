@@ -86,3 +86,30 @@ def test_out_of_range_codes_are_refused(tmp_path: Path) -> None:
     write_shard(path, tensors, meta)
     with pytest.raises(CheckpointError, match="a code reaches 7 but the codebook has 5"):
         decode_layer(*read_shard(path))
+
+
+def test_shard_bytes_are_the_same_in_every_process(tmp_path: Path) -> None:
+    """A resumed run must rewrite a shard byte for byte: the header may not depend on the
+    process (safetensors' own writer orders the metadata by a per-process hash seed)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch\n"
+        "from pathlib import Path\n"
+        "from dist_pgkm.checkpoint import write_shard\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "t = {'codes': torch.randint(0, 255, (64,), generator=g, dtype=torch.uint8),\n"
+        "     'centroids': torch.randn(16, 4, generator=g).half()}\n"
+        "meta = {f'key{i}': str(i) for i in range(12)}\n"
+        "print(write_shard(Path(sys.argv[1]), t, meta))\n"
+    )
+    digests = set()
+    for i in range(4):
+        path = tmp_path / f"s{i}.safetensors"
+        run = subprocess.run(
+            [sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True
+        )
+        digests.add(run.stdout.strip())
+        assert read_shard(path)[1] == {f"key{i}": str(i) for i in range(12)}
+    assert len(digests) == 1
