@@ -35,6 +35,7 @@ from dist_pgkm.errors import ConfigError
 
 __all__ = [
     "DEFAULT_STAGES",
+    "DKMConfig",
     "DeepSpeedOptions",
     "FinetuneConfig",
     "NoiseOptions",
@@ -48,6 +49,21 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class DKMConfig(_Strict):
+    """How a stage with a differentiable clusterer clusters its layers (docs/dkm.md).
+
+    Attributes:
+        tau: Attention temperature, relative to each layer's mean squared quantization error
+            after PG k-means (which gives the starting codebook).
+        iters: Soft k-means steps per training forward.
+        chunk: Sub-vectors per piece of the attention (bounds its memory).
+    """
+
+    tau: float = Field(1.0, gt=0)
+    iters: int = Field(5, ge=1)
+    chunk: int = Field(65536, ge=1)
+
+
 class Stage(_Strict):
     """One stage: quantize the layers it matches, then fine-tune ``steps`` optimizer steps.
 
@@ -55,11 +71,18 @@ class Stage(_Strict):
         name: Shown in progress and checkpoints.
         match: Exact module names or ``re:`` patterns (full match), like quantize rules.
         steps: Optimizer steps after quantizing this stage's layers (0: quantize only).
+        method: ``ipq`` (codes fixed by PG k-means, codebooks trained), or a differentiable
+            clusterer that trains the float weights and re-clusters them in every forward,
+            starting from PG k-means' codebook: ``dkm``, ``idkm`` or ``idkm-jfb``. Either way
+            the stage ends with fixed codes and trainable codebooks for the stages after it.
+        dkm: Options of the differentiable clusterers.
     """
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     match: list[str]
     steps: int = Field(100, ge=0)
+    method: Literal["ipq", "dkm", "idkm", "idkm-jfb"] = "ipq"
+    dkm: DKMConfig = Field(default_factory=lambda: DKMConfig.model_validate({}))
 
     @field_validator("match", mode="before")
     @classmethod

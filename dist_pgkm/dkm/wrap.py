@@ -102,7 +102,7 @@ class DKMLayer:
     def hard_weight(self) -> torch.Tensor:
         """The weight every sub-vector's nearest centroid makes (what export writes)."""
         with torch.no_grad():
-            sub, c = self._subvectors(), self.centroids
+            sub, c = self._subvectors(), self.centroids.float()
             return from_subvectors(c[hard_assign(sub, c)], self.shape)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
@@ -113,7 +113,9 @@ class DKMLayer:
             return self._ops.forward(self.module, self.hard_weight().to(weight.dtype), input)
         opts = self.options
         sub = self._subvectors()
-        c = soft_kmeans(sub, self.centroids, self.tau, opts.iters, opts.method, chunk=opts.chunk)
+        # float32 whatever the training dtype (DeepSpeed's bf16 casts buffers too).
+        start = self.centroids.float()
+        c = soft_kmeans(sub, start, self.tau, opts.iters, opts.method, chunk=opts.chunk)
         with torch.no_grad():
             self.centroids.copy_(c.detach())  # the next step's warm start
         soft = from_subvectors(soft_weight(sub, c, self.tau, opts.chunk), self.shape)

@@ -498,6 +498,7 @@ class _Run:
     ranks: _Ranks
     model: nn.Module = field(init=False)
     teacher: Any = field(init=False, default=None)
+    dkm: Any = field(init=False, default=None)  # the current stage's DKM wrappers, if any
     _tokens: int = field(init=False, default=0)
     _train_seconds: float = field(init=False, default=0.0)
 
@@ -523,12 +524,12 @@ class _Run:
         for i in range(current, len(self.stages)):
             if self.state.data["phase"] == "quantize":
                 self.ranks.on_leader(functools.partial(self._quantize_stage, i))
-                self._swap_stage(i)
+                self._start_stage(i)
                 self.ranks.on_leader(functools.partial(self._drop_stage_inputs, i))
                 self.state.data["phase"] = "train"
                 self.state.save()
             else:
-                self._swap_stage(i)
+                self._start_stage(i)
             self._train_stage(i)
             self.state.data.update(stage=i + 1, phase="quantize")
             self.state.save()
@@ -577,6 +578,48 @@ class _Run:
             tensors, meta = read_shard(q_dir / shard_path(job.name))
             _, centroids, codes, _ = decode_layer(tensors, meta, where=str(q_dir))
             _swap_in(self.model, job, centroids, codes)
+
+    def _start_stage(self, i: int) -> None:
+        """The stage's layers as they train: PQ modules (ipq) or DKM-wrapped float layers."""
+        if self.config.stages[i].method == "ipq":
+            self._swap_stage(i)
+        else:
+            self._wrap_dkm(i)
+
+    def _wrap_dkm(self, i: int) -> None:
+        from dist_pgkm.dkm.wrap import DKM, DKMLayer, DKMOptions, add_dkm
+
+        stage = self.config.stages[i]
+        if tied := [job.name for job in self.stages[i] if job.tied]:
+            raise ConfigError(
+                f"stage {stage.name}: method {stage.method} on {', '.join(tied)}, whose weight "
+                "is tied to another layer, is not supported yet. Give that layer a stage of its "
+                "own with method: ipq."
+            )
+        options = DKMOptions(
+            method=stage.method,  # type: ignore[arg-type]
+            tau=stage.dkm.tau,
+            iters=stage.dkm.iters,
+            chunk=stage.dkm.chunk,
+        )
+        q_dir = self.stage_dir(i) / "quantize"
+        layers: list[DKMLayer] = []
+        for job in self.stages[i]:
+            tensors, meta = read_shard(q_dir / shard_path(job.name))
+            _, centroids, _, _ = decode_layer(tensors, meta, where=str(q_dir))
+            handle = add_dkm(self.model, [job.name], job.block_size, {job.name: centroids}, options)
+            layers.extend(handle)
+        self.dkm = DKM(layers)
+
+    def _freeze_dkm(self, i: int) -> None:
+        """End of a DKM stage: hard-assign every layer and swap in PQ modules (codes fixed)."""
+        if self.dkm is None:
+            return
+        for job in self.stages[i]:
+            centroids, codes = self.dkm[job.name].export()
+            _swap_in(self.model, job, centroids, codes)
+        self.dkm.remove()
+        self.dkm = None
 
     def _load_trained(self, i: int) -> None:
         path = self.stage_dir(i) / "trained.safetensors"
@@ -690,6 +733,7 @@ class _Run:
             if noise is not None:
                 noise.remove()
         ds_engine.close(engine)  # puts full fp32 parameters back (ZeRO-3 partitions, bf16)
+        self._freeze_dkm(i)
         trained = self.stage_dir(i) / "trained.safetensors"
         self.ranks.on_leader(
             lambda: write_shard(trained, _trainable_state(self.model), {"stage": str(i)})
@@ -752,7 +796,8 @@ class _Run:
         for i, (stage, jobs) in enumerate(zip(self.config.stages, self.stages, strict=True)):
             losses = [h["loss"] for h in self.state.data["history"] if h["stage"] == i]
             rows.append({
-                "name": stage.name, "layers": len(jobs), "steps": stage.steps,
+                "name": stage.name, "method": stage.method, "layers": len(jobs),
+                "steps": stage.steps,
                 "loss_first": losses[0] if losses else None,
                 "loss_last": losses[-1] if losses else None,
             })  # fmt: skip

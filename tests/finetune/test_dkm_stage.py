@@ -1,0 +1,130 @@
+"""A `dist-pgkm finetune` stage trained with IDKM instead of iPQ: re-clustered, exported, loaded,
+killed and resumed to the same bytes. Real SmolLM2 (two blocks quantized), real text, DeepSpeed."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+pytest.importorskip(
+    "deepspeed", reason="DeepSpeed is not installed: pip install 'dist-pgkm[finetune]'"
+)
+
+from dist_pgkm.checkpoint.shard import read_shard
+
+CONFIG: dict[str, Any] = {
+    "seed": 0,
+    "quantize": {
+        "n_iter": 3,
+        "rules": [
+            {"match": r"re:model\.layers\.[01]\.mlp\..*", "block_size": 8, "k": 64},
+            {"match": r"re:model\.layers\.[01]\.self_attn\..*", "block_size": 4, "k": 64},
+        ],
+    },
+    "stages": [
+        {
+            "name": "mlp",
+            "match": r"re:.*\.mlp\..*",
+            "steps": 4,
+            "method": "idkm",
+            "dkm": {"tau": 1.0, "iters": 3, "chunk": 4096},
+        },
+        {"name": "attention", "match": r"re:.*\.self_attn\..*", "steps": 2},
+    ],
+    "train": {"batch_size": 2, "seq_len": 32, "lr": 1e-3, "centroid_lr": 1e-3},
+    "noise": {"p": 0.1, "mode": "drop"},
+    "deepspeed": {"zero_stage": 0, "dtype": "fp32", "checkpoint_every": 2},
+}
+LAYER = "model.layers.0.mlp.up_proj"
+
+
+def _env() -> dict[str, str]:
+    from dist_pgkm.finetune.engine import _LAUNCHER_ENV
+
+    return {k: v for k, v in os.environ.items() if k not in _LAUNCHER_ENV}
+
+
+def _cmd(config: Path, out: Path) -> list[str]:
+    return [sys.executable, "-m", "dist_pgkm.cli", "finetune", "smollm2-135m", "--config",
+            str(config), "--out", str(out)]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def config_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("dkmcfg") / "finetune.yaml"
+    path.write_text(json.dumps(CONFIG))
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory, config_file: Path) -> Path:
+    out = tmp_path_factory.mktemp("dkm") / "out"
+    run = subprocess.run(
+        [*_cmd(config_file, out), "--json", str(out.parent / "summary.json")],
+        capture_output=True, text=True, timeout=900, env=_env(),
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    return out
+
+
+def test_idkm_stage_reclusters_and_exports(reference: Path) -> None:
+    import dist_pgkm
+    from dist_pgkm.checkpoint.shard import decode_layer
+    from dist_pgkm.pq.modules import PQModule
+
+    summary = json.loads((reference.parent / "summary.json").read_text())
+    assert [s["method"] for s in summary["stages"]] == ["idkm", "ipq"]
+    shard = f"shards/{LAYER}.safetensors"
+    start, start_meta = read_shard(reference / "stages" / "0-mlp" / "quantize" / shard)
+    final, final_meta = read_shard(reference / shard)
+    _, c0, codes0, _ = decode_layer(start, start_meta, where="start")
+    _, c1, codes1, _ = decode_layer(final, final_meta, where="final")
+    assert c0.shape == c1.shape
+    # The float weight trained and was clustered again: codes moved (iPQ never moves codes).
+    changed = float((codes0 != codes1).float().mean())
+    assert changed > 0.01, changed
+    model = dist_pgkm.load(reference)
+    assert isinstance(model.get_submodule(LAYER), PQModule)
+    ids = torch.tensor([[1, 504, 3287, 28, 253, 2137, 30]])
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=ids).logits).all()
+
+
+def test_killed_idkm_stage_resumes_to_the_same_bytes(
+    tmp_path: Path, config_file: Path, reference: Path
+) -> None:
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        _cmd(config_file, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env()
+    )
+    state = out / "finetune.json"
+
+    def mid_dkm_stage() -> bool:  # the DKM stage has a checkpoint at step 2 (of 4)
+        try:
+            data = json.loads(state.read_text())
+        except (OSError, ValueError):
+            return False
+        return any(h["stage"] == 0 and h["step"] >= 2 for h in data["history"])
+
+    deadline = time.monotonic() + 600
+    while not mid_dkm_stage() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    rerun = subprocess.run(
+        [*_cmd(config_file, out), "--resume"], capture_output=True, text=True, timeout=900,
+        env=_env(),
+    )  # fmt: skip
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    for name in ("model.safetensors", f"shards/{LAYER}.safetensors"):
+        assert (out / name).read_bytes() == (reference / name).read_bytes(), name
