@@ -249,12 +249,6 @@ class _Ranks:
         dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
         return float(t.item())
 
-    def barrier(self) -> None:
-        if self.world > 1:
-            import torch.distributed as dist
-
-            dist.barrier()
-
 
 def _shareable(error: BaseException | None) -> BaseException | None:
     """``error`` itself when it is one of ours (they pickle), else a DistributedError naming it."""
