@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +18,8 @@ pytest.importorskip(
 )
 
 from dist_pgkm.checkpoint.shard import read_shard
+
+from ._runs import kill_at
 
 CONFIG: dict[str, Any] = {
     "seed": 0,
@@ -106,21 +106,7 @@ def test_killed_idkm_stage_resumes_to_the_same_bytes(
     proc = subprocess.Popen(
         _cmd(config_file, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env()
     )
-    state = out / "finetune.json"
-
-    def mid_dkm_stage() -> bool:  # the DKM stage has a checkpoint at step 2 (of 4)
-        try:
-            data = json.loads(state.read_text())
-        except (OSError, ValueError):
-            return False
-        return any(h["stage"] == 0 and h["step"] >= 2 for h in data["history"])
-
-    deadline = time.monotonic() + 600
-    while not mid_dkm_stage() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert proc.poll() is None, "the run ended before it could be killed"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
+    kill_at(proc, out, stage=0, step=2)  # the IDKM stage has a checkpoint at step 2 of 4
     rerun = subprocess.run(
         [*_cmd(config_file, out), "--resume"], capture_output=True, text=True, timeout=900,
         env=_env(),

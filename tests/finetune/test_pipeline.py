@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -24,6 +22,8 @@ pytest.importorskip(
 
 from dist_pgkm.config.finetune import load_finetune_config
 from dist_pgkm.errors import CheckpointError, ConfigError
+
+from ._runs import kill_at
 
 CONFIG = {
     "seed": 0,
@@ -118,21 +118,7 @@ def test_killed_run_resumes_to_the_same_bytes(
     out = tmp_path / "out"
     cmd = _cli("smollm2-135m", "--config", str(config_file), "--out", str(out))
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env())
-    state = out / "finetune.json"
-
-    def mid_stage_two() -> bool:  # stage 1 (attention) has a checkpoint at step 2
-        try:
-            data = json.loads(state.read_text())
-        except (OSError, ValueError):
-            return False
-        return any(h["stage"] == 1 and h["step"] >= 2 for h in data["history"])
-
-    deadline = time.monotonic() + 600
-    while not mid_stage_two() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert proc.poll() is None, "the run ended before it could be killed"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
+    kill_at(proc, out, stage=1, step=2)  # stage 1 (attention) has a checkpoint at step 2
     assert not (out / "model.safetensors").exists()
 
     rerun = subprocess.run(
