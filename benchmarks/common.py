@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import logging
+import math
 import os
 import platform
 import subprocess
@@ -32,6 +33,7 @@ __all__ = [
     "Target",
     "atomic_write_text",
     "format_bytes",
+    "format_value",
     "git_commit",
     "machine_info",
     "machine_line",
@@ -284,6 +286,13 @@ def replace_marker_section(path: Path, name: str, body: str, intro: str = "") ->
         )
     atomic_write_text(path, new)
     logger.info("Updated section %r of %s", name, path)
+
+
+def format_value(value: Any, spec: str) -> str:
+    """``format(value, spec)``, or ``-`` for a missing (None) or NaN value, for table cells."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return format(value, spec)
 
 
 def _md_cell(value: object) -> str:

@@ -37,6 +37,7 @@ from dist_pgkm.bench.common import (  # type: ignore[import-not-found, unused-ig
     MARKDOWN_INTRO,
     Target,
     format_bytes,
+    format_value,
     git_commit,
     machine_info,
     machine_line,
@@ -371,22 +372,16 @@ _COLUMNS = (
 _ALIGN = "llrrrrrrr"
 
 
-def _fmt(value: Any, spec: str) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    return format(value, spec)
-
-
 def _cells(row: Mapping[str, Any]) -> list[str]:
     return [
         row["preset"],
         row["method"],
-        _fmt(row.get("bits_per_weight"), ".3f"),
-        _fmt(row.get("compression_vs_fp16"), ".2f"),
-        _fmt(row.get("ppl"), ",.1f"),
-        _fmt(row.get("train_steps"), "d"),
-        _fmt(row.get("tokens_per_second"), ",.0f"),
-        _fmt(row.get("seconds"), ".1f"),
+        format_value(row.get("bits_per_weight"), ".3f"),
+        format_value(row.get("compression_vs_fp16"), ".2f"),
+        format_value(row.get("ppl"), ",.1f"),
+        format_value(row.get("train_steps"), "d"),
+        format_value(row.get("tokens_per_second"), ",.0f"),
+        format_value(row.get("seconds"), ".1f"),
         format_bytes(row["peak_rss_bytes"]) if row.get("peak_rss_bytes") else "-",
     ]
 

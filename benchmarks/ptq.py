@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import shlex
 import shutil
 import subprocess
@@ -30,6 +29,7 @@ from dist_pgkm.bench.common import (  # type: ignore[import-not-found, unused-ig
     MARKDOWN_INTRO,
     Target,
     format_bytes,
+    format_value,
     git_commit,
     machine_info,
     machine_line,
@@ -466,15 +466,9 @@ _COLUMNS = (
 _ALIGN = "lllrrrrrrr"
 
 
-def _fmt(value: Any, spec: str) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    return format(value, spec)
-
-
 def _cells(row: Mapping[str, Any]) -> list[str]:
     metric = row.get("ppl", row.get("top1"))
-    metric_text = _fmt(metric, ",.1f") if "ppl" in row else _fmt(metric, ".3f")
+    metric_text = format_value(metric, ",.1f") if "ppl" in row else format_value(metric, ".3f")
     empties = (
         "-" if row.get("empty_final") is None else f"{row['empty_final']}/{row['empty_total']}"
     )
@@ -482,12 +476,12 @@ def _cells(row: Mapping[str, Any]) -> list[str]:
         row["model"],
         row["preset"],
         row["method"],
-        _fmt(row.get("bits_per_weight"), ".3f"),
-        _fmt(row.get("compression_vs_fp16"), ".2f"),
+        format_value(row.get("bits_per_weight"), ".3f"),
+        format_value(row.get("compression_vs_fp16"), ".2f"),
         metric_text,
-        _fmt(row.get("rel_sse"), ".4f"),
+        format_value(row.get("rel_sse"), ".4f"),
         empties,
-        _fmt(row.get("quantize_s"), ".1f"),
+        format_value(row.get("quantize_s"), ".1f"),
         format_bytes(row["peak_rss_bytes"]) if row.get("peak_rss_bytes") else "-",
     ]
 
