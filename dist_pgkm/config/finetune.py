@@ -57,11 +57,24 @@ class DKMConfig(_Strict):
             after PG k-means (which gives the starting codebook).
         iters: Soft k-means steps per training forward.
         chunk: Sub-vectors per piece of the attention (bounds its memory).
+        rank: ``method: lr2vq`` only: the dimension ``d`` its sub-vectors are clustered in
+            (``1..block_size``), or ``auto``: chosen per layer by
+            :func:`dist_pgkm.dkm.lr2vq.choose_rank` when the stage starts.
+        clusterer: ``method: lr2vq`` only: the soft k-means it runs in the rank-``d`` space.
     """
 
     tau: float = Field(1.0, gt=0)
     iters: int = Field(5, ge=1)
     chunk: int = Field(65536, ge=1)
+    rank: int | Literal["auto"] = "auto"
+    clusterer: Literal["dkm", "idkm", "idkm-jfb"] = "idkm"
+
+    @field_validator("rank")
+    @classmethod
+    def _positive_rank(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 1:
+            raise ValueError(f"rank {value}: give a dimension of at least 1, or 'auto'")
+        return value
 
 
 class Stage(_Strict):
@@ -73,16 +86,28 @@ class Stage(_Strict):
         steps: Optimizer steps after quantizing this stage's layers (0: quantize only).
         method: ``ipq`` (codes fixed by PG k-means, codebooks trained), or a differentiable
             clusterer that trains the float weights and re-clusters them in every forward,
-            starting from PG k-means' codebook: ``dkm``, ``idkm`` or ``idkm-jfb``. Either way
-            the stage ends with fixed codes and trainable codebooks for the stages after it.
+            starting from PG k-means' codebook: ``dkm``, ``idkm`` or ``idkm-jfb``; or
+            ``lr2vq``, which trains a rank-``dkm.rank`` representation of the sub-vectors and
+            clusters that. Either way the stage ends with fixed codes and trainable codebooks
+            for the stages after it.
         dkm: Options of the differentiable clusterers.
     """
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     match: list[str]
     steps: int = Field(100, ge=0)
-    method: Literal["ipq", "dkm", "idkm", "idkm-jfb"] = "ipq"
+    method: Literal["ipq", "dkm", "idkm", "idkm-jfb", "lr2vq"] = "ipq"
     dkm: DKMConfig = Field(default_factory=lambda: DKMConfig.model_validate({}))
+
+    @model_validator(mode="after")
+    def _lr2vq_options(self) -> Stage:
+        given = {"rank", "clusterer"} & self.dkm.model_fields_set
+        if given and self.method != "lr2vq":
+            raise ValueError(
+                f"dkm.{sorted(given)[0]} applies to method: lr2vq only (this stage's method is "
+                f"{self.method})"
+            )
+        return self
 
     @field_validator("match", mode="before")
     @classmethod

@@ -103,7 +103,7 @@ def choose_rank(
     k: int,
     candidates: Sequence[int] | None = None,
     *,
-    sample: int = 65536,
+    sample: int = 16384,
     iters: int = 15,
     seed: int = 0,
     rel_tol: float = 0.02,
@@ -118,9 +118,18 @@ def choose_rank(
     rank-3 subspace of R^8, k = 16: totals 2.23x, 1.40x the best at d = 1, 2 and within 0.5%
     of it for every d >= 3), so the smallest ``d`` whose sum is within ``rel_tol`` of the best
     is chosen: the same error, clustered in the fewest dimensions.
+
+    Clustering in the full space can always do at least as well as clustering a projection
+    and lifting it, so the sum never rises with ``d`` by much; on real LLM weights, whose
+    8-dimensional sub-vectors have no low-rank structure, it keeps falling and the rule picks
+    ``d = m`` (SmolLM2's ``layers.0.mlp.up_proj``, m = 8, k = 256: totals 0.87, 0.74, 0.63,
+    0.53, 0.46, 0.39, 0.34, 0.30 of ``‖X‖²`` at d = 1..8). ``candidates=None`` tries the powers
+    of two below ``m`` and ``m`` itself (one k-means each, a few seconds per candidate at the
+    default sample).
     """
     n, m = x.shape
-    cands = sorted(set(candidates or range(1, m + 1)))
+    powers = [2**i for i in range(m.bit_length()) if 2**i < m]
+    cands = sorted(set(candidates or [*powers, m]))
     if not cands or cands[0] < 1 or cands[-1] > m:
         raise InvalidInputError(f"candidate ranks {cands} must lie in 1..{m}.")
     g = torch.Generator().manual_seed(seed)

@@ -19,7 +19,8 @@ Output directory::
     finetune.json               state: fingerprint, stage, phase, loss history
     stages/<i>-<name>/quantize/ the stage's quantize run (shards, manifest)
     stages/<i>-<name>/trained.safetensors   all weights at the end of the stage
-    deepspeed/                  DeepSpeed checkpoints within the current stage
+    deepspeed/                  DeepSpeed checkpoints within the current stage (deleted
+                                once the final checkpoint is merged)
     shards/, model.safetensors, config.json, ...   the final checkpoint
 
 Resume: the same call again. Finished stages are rebuilt from their files; the current stage
@@ -30,6 +31,7 @@ continues from its last DeepSpeed checkpoint; batches and Quant-Noise masks are 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import json
@@ -58,6 +60,7 @@ from dist_pgkm.kmeans.types import KMeansStats
 from dist_pgkm.models.layers import find_layers
 from dist_pgkm.models.source import open_source
 from dist_pgkm.noise import Codebook, QuantNoise, add_quant_noise
+from dist_pgkm.pq.codec import to_subvectors
 from dist_pgkm.pq.modules import PQModule, pq_module_for
 from dist_pgkm.pq.quantize import QuantizedWeight, quantize_weight
 from dist_pgkm.utils.memory import peak_rss_bytes
@@ -147,6 +150,14 @@ def stage_layers(jobs: Sequence[LayerJob], config: FinetuneConfig) -> list[list[
             f"stage {', '.join(empty)} matches no layer the quantize config selects. Fix its "
             "`match` patterns (full-match regexes, `re:` prefix) or remove the stage."
         )
+    for stage, layers in zip(config.stages, stages, strict=True):
+        rank = stage.dkm.rank if stage.method == "lr2vq" else "auto"
+        if too_small := [job for job in layers if rank != "auto" and job.block_size < rank]:
+            raise ConfigError(
+                f"stage {stage.name}: dkm.rank {rank} exceeds the block size of "
+                f"{too_small[0].name} ({too_small[0].block_size}); LR²VQ clusters in d <= "
+                "block size dimensions. Lower the rank or use rank: auto."
+            )
     return stages
 
 
@@ -584,6 +595,7 @@ class _Run:
         from dist_pgkm.dkm.wrap import DKM, DKMLayer, DKMOptions, add_dkm
 
         stage = self.config.stages[i]
+        lr2vq = stage.method == "lr2vq"
         if tied := [job.name for job in self.stages[i] if job.tied]:
             raise ConfigError(
                 f"stage {stage.name}: method {stage.method} on {', '.join(tied)}, whose weight "
@@ -591,19 +603,45 @@ class _Run:
                 "own with method: ipq."
             )
         options = DKMOptions(
-            method=stage.method,  # type: ignore[arg-type]
+            method=stage.dkm.clusterer if lr2vq else stage.method,  # type: ignore[arg-type]
             tau=stage.dkm.tau,
             iters=stage.dkm.iters,
             chunk=stage.dkm.chunk,
         )
+        ranks = self.ranks.on_leader(functools.partial(self._lr2vq_ranks, i)) if lr2vq else {}
         q_dir = self.stage_dir(i) / "quantize"
         layers: list[DKMLayer] = []
         for job in self.stages[i]:
             tensors, meta = read_shard(q_dir / shard_path(job.name))
             _, centroids, _, _ = decode_layer(tensors, meta, where=str(q_dir))
-            handle = add_dkm(self.model, [job.name], job.block_size, {job.name: centroids}, options)
+            opts = dataclasses.replace(options, rank=ranks[job.name]) if lr2vq else options
+            handle = add_dkm(self.model, [job.name], job.block_size, {job.name: centroids}, opts)
             layers.extend(handle)
         self.dkm = DKM(layers)
+
+    def _lr2vq_ranks(self, i: int) -> dict[str, int]:
+        """Each layer's LR²VQ rank: the stage's, or chosen by the rule (kept in the state, so a
+        resumed run builds the same parameters)."""
+        from dist_pgkm.dkm.lr2vq import choose_rank
+
+        saved = self.state.data.setdefault("lr2vq_rank", {})
+        if str(i) in saved:
+            return dict(saved[str(i)])
+        rank = self.config.stages[i].dkm.rank
+        chosen: dict[str, int] = {}
+        for job in self.stages[i]:
+            if rank != "auto":
+                chosen[job.name] = rank
+                continue
+            weight = self.model.get_submodule(job.name).weight
+            assert isinstance(weight, torch.Tensor)
+            sub = to_subvectors(weight.detach().float(), job.block_size, job.name)
+            choice = choose_rank(sub, job.k, seed=job.seed)
+            chosen[job.name] = choice.d
+            logger.info("%s: LR²VQ rank %d of %d", job.name, choice.d, job.block_size)
+        saved[str(i)] = chosen
+        self.state.save()
+        return chosen
 
     def _freeze_dkm(self, i: int) -> None:
         """End of a DKM stage: hard-assign every layer and swap in PQ modules (codes fixed)."""
@@ -789,8 +827,10 @@ class _Run:
         rows = []
         for i, (stage, jobs) in enumerate(zip(self.config.stages, self.stages, strict=True)):
             losses = [h["loss"] for h in self.state.data["history"] if h["stage"] == i]
+            ranks = self.state.data.get("lr2vq_rank", {}).get(str(i))
             rows.append({
                 "name": stage.name, "method": stage.method, "layers": len(jobs),
+                **({"lr2vq_rank": ranks} if ranks else {}),
                 "steps": stage.steps,
                 "loss_first": losses[0] if losses else None,
                 "loss_last": losses[-1] if losses else None,
@@ -837,6 +877,8 @@ class _Run:
         shutil.rmtree(final_src, ignore_errors=True)
         self.state.data["merged"] = files
         self.state.save()
+        # Only a run inside a stage resumes from these (GBs: fp32 weights and Adam moments).
+        shutil.rmtree(self.out / "deepspeed", ignore_errors=True)
         return files
 
 

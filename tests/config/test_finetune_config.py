@@ -71,6 +71,20 @@ def test_default_stages_cover_llama_and_bert_names(name: str, stage: str | None)
             "stage names must be unique; repeated: a",
         ),
         ({"quantize": "no-such-preset.yaml"}, "no such config file"),
+        (
+            {
+                "quantize": "ptq-4bit.yaml",
+                "stages": [{"name": "a", "match": "x", "method": "idkm", "dkm": {"rank": 2}}],
+            },
+            "dkm.rank applies to method: lr2vq only",
+        ),
+        (
+            {
+                "quantize": "ptq-4bit.yaml",
+                "stages": [{"name": "a", "match": "x", "method": "lr2vq", "dkm": {"rank": 0}}],
+            },
+            "rank 0: give a dimension of at least 1",
+        ),
     ],
 )
 def test_bad_configs_name_the_key(data: dict[str, object], message: str) -> None:

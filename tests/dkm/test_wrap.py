@@ -1,4 +1,7 @@
-"""add_dkm on real layer shapes: soft forward in training, hard forward = the exported PQ layer."""
+"""add_dkm on real layer shapes: soft forward in training, hard forward = the exported PQ layer.
+
+The same for LR²VQ (``DKMOptions.rank``): the layer trains ``R`` and ``P`` instead of its weight.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dist_pgkm.dkm import soft_kmeans, soft_weight
-from dist_pgkm.dkm.wrap import BUFFER, DKMOptions, add_dkm
+from dist_pgkm.dkm.wrap import BUFFER, LR2VQ_P, LR2VQ_R, DKMOptions, LR2VQLayer, add_dkm
 from dist_pgkm.errors import InvalidInputError
 from dist_pgkm.pq.codec import from_subvectors, to_subvectors
 from dist_pgkm.pq.modules import pq_module_for
@@ -28,6 +31,17 @@ class Tiny(nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         out: torch.Tensor = self.proj(self.embed(ids))
         return out
+
+
+@pytest.fixture(scope="module")
+def minilm_up() -> torch.Tensor:
+    """A real MiniLM weight (1536, 384): the first block's MLP up-projection."""
+    from safetensors import safe_open
+
+    from dist_pgkm.models.offline import minilm_dir
+
+    with safe_open(str(minilm_dir() / "model.safetensors"), framework="pt") as fh:
+        return fh.get_tensor("encoder.layer.0.intermediate.dense.weight").float()
 
 
 def _init(model: Tiny, bs: int, k: int) -> dict[str, torch.Tensor]:
@@ -109,6 +123,93 @@ def test_bad_input_is_named() -> None:
         add_dkm(model, "proj", 8, init)
     with pytest.raises(InvalidInputError, match="tau > 0"):
         DKMOptions(tau=0.0)
+    with pytest.raises(InvalidInputError, match="rank 0"):
+        DKMOptions(rank=0)
+    with pytest.raises(InvalidInputError, match=r"rank 5 exceeds the sub-vector size 4"):
+        add_dkm(model, "proj", 4, init, DKMOptions(rank=5))
     add_dkm(model, "proj", 4, init)
     with pytest.raises(InvalidInputError, match="already has its forward replaced"):
         add_dkm(model, "proj", 4, init)
+
+
+def test_lr2vq_trains_r_and_p_through_the_soft_clustering() -> None:
+    model = Tiny()
+    init = _init(model, 4, 16)
+    handle = add_dkm(model, "proj", 4, init, DKMOptions(method="idkm", iters=3, rank=2))
+    layer = handle["proj"]
+    assert isinstance(layer, LR2VQLayer)
+    r, p = getattr(model.proj, LR2VQ_R), getattr(model.proj, LR2VQ_P)
+    assert r.shape == (48 * 32 // 4, 2)
+    assert p.shape == (2, 4)
+    assert not model.proj.weight.requires_grad  # the layer is R P now
+    # Started from the truncated SVD: P has orthonormal rows, R P is the best rank-2 fit.
+    torch.testing.assert_close(p @ p.T, torch.eye(2), atol=1e-5, rtol=0)
+    # The warm start is PG k-means' codebook projected into the rank-2 space.
+    torch.testing.assert_close(layer.centroids, init["proj"] @ p.detach().T, atol=1e-6, rtol=0)
+    ids = torch.randint(0, 96, (5, 7))
+    model.train()
+    start = layer.centroids.clone()
+    out = model(ids)
+    c = soft_kmeans(r.detach(), start, layer.tau, 3)
+    soft = soft_weight(r.detach(), c, layer.tau) @ p.detach()
+    expected = F.linear(model.embed(ids), from_subvectors(soft, (48, 32)), model.proj.bias)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    out.pow(2).mean().backward()
+    assert model.proj.weight.grad is None
+    assert r.grad is not None
+    assert r.grad.abs().sum() > 0
+    assert p.grad is not None
+    assert p.grad.abs().sum() > 0
+
+
+def test_lr2vq_eval_forward_equals_the_exported_pq_layer_and_remove_restores() -> None:
+    model = Tiny()
+    floats = {name: getattr(model, name).weight.detach().clone() for name in ("embed", "proj")}
+    handle = add_dkm(model, "re:.*", 4, _init(model, 4, 16), DKMOptions(iters=2, rank=3))
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    ids = torch.randint(0, 96, (4, 9))
+    model.train()
+    for _ in range(3):  # R, P and the centroids move
+        opt.zero_grad()
+        model(ids).pow(2).mean().backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        trained = model(ids)
+    exported = Tiny()
+    for name in ("embed", "proj"):
+        module = getattr(model, name)
+        codebook, codes = handle[name].export()
+        assert codebook.shape == (16, 4)  # C P: the PQ format with block m, whatever d
+        pq = pq_module_for(module).from_float(module, codebook, codes)
+        setattr(exported, name, pq)
+    with torch.no_grad():
+        assert torch.equal(exported(ids), trained)
+    handle.remove()
+    assert not any(n.startswith("lr2vq") for n, _ in model.named_parameters(recurse=True))
+    assert model.proj.weight.requires_grad
+    for name, weight in floats.items():  # frozen while R P trained
+        assert torch.equal(getattr(model, name).weight, weight)
+
+
+def test_lr2vq_reconstruction_error_falls_with_d(minilm_up: torch.Tensor) -> None:
+    """At the start (PG k-means projected to rank d), a real MiniLM layer's error falls with d.
+
+    At d = m, P is a rotation, so the codebook is PG k-means' own; the codes are each
+    sub-vector's nearest centroid, which PG k-means' last codes (assigned before its last
+    centroid update) need not be, so the error may only be lower (measured: 0.03%).
+    Measured relative SSE: 0.872, 0.764, 0.613, 0.4636 at d = 1, 2, 4, 8 (PG k-means 0.4637).
+    """
+    weight = minilm_up
+    k, bs = 64, 8
+    init = quantize_weight(weight, bs, k, seed=0)
+    plain = float((init.dense() - weight).pow(2).sum() / weight.pow(2).sum())
+    errors = {}
+    for d in (1, 2, 4, 8):
+        linear = nn.Linear(384, 1536)
+        with torch.no_grad():
+            linear.weight.copy_(weight)
+        layer = add_dkm(linear, "", bs, {"": init.centroids}, DKMOptions(rank=d))[""]
+        errors[d] = float((layer.hard_weight() - weight).pow(2).sum() / weight.pow(2).sum())
+    assert errors[1] > errors[2] > errors[4] > errors[8]
+    assert plain * (1 - 2e-3) <= errors[8] <= plain * (1 + 1e-6)

@@ -1,5 +1,6 @@
-"""A `dist-pgkm finetune` stage trained with IDKM instead of iPQ: re-clustered, exported, loaded,
-killed and resumed to the same bytes. Real SmolLM2 (two blocks quantized), real text, DeepSpeed."""
+"""`dist-pgkm finetune` stages trained with IDKM and LR²VQ instead of iPQ: re-clustered,
+exported, loaded, killed in the LR²VQ stage and resumed to the same bytes. Real SmolLM2 (two
+blocks quantized), real text, DeepSpeed."""
 
 from __future__ import annotations
 
@@ -38,13 +39,20 @@ CONFIG: dict[str, Any] = {
             "method": "idkm",
             "dkm": {"tau": 1.0, "iters": 3, "chunk": 4096},
         },
-        {"name": "attention", "match": r"re:.*\.self_attn\..*", "steps": 2},
+        {
+            "name": "attention",
+            "match": r"re:.*\.self_attn\..*",
+            "steps": 4,
+            "method": "lr2vq",
+            "dkm": {"tau": 1.0, "iters": 2, "chunk": 4096, "rank": "auto", "clusterer": "idkm"},
+        },
     ],
     "train": {"batch_size": 2, "seq_len": 32, "lr": 1e-3, "centroid_lr": 1e-3},
     "noise": {"p": 0.1, "mode": "drop"},
     "deepspeed": {"zero_stage": 0, "dtype": "fp32", "checkpoint_every": 2},
 }
 LAYER = "model.layers.0.mlp.up_proj"
+ATTENTION = "model.layers.1.self_attn.q_proj"
 
 
 def _env() -> dict[str, str]:
@@ -82,35 +90,46 @@ def test_idkm_stage_reclusters_and_exports(reference: Path) -> None:
     from dist_pgkm.pq.modules import PQModule
 
     summary = json.loads((reference.parent / "summary.json").read_text())
-    assert [s["method"] for s in summary["stages"]] == ["idkm", "ipq"]
-    shard = f"shards/{LAYER}.safetensors"
-    start, start_meta = read_shard(reference / "stages" / "0-mlp" / "quantize" / shard)
-    final, final_meta = read_shard(reference / shard)
-    _, c0, codes0, _ = decode_layer(start, start_meta, where="start")
-    _, c1, codes1, _ = decode_layer(final, final_meta, where="final")
-    assert c0.shape == c1.shape
-    # The float weight trained and was clustered again: codes moved (iPQ never moves codes).
-    changed = float((codes0 != codes1).float().mean())
-    assert changed > 0.01, changed
+    assert [s["method"] for s in summary["stages"]] == ["idkm", "lr2vq"]
+    ranks = summary["stages"][1]["lr2vq_rank"]  # chosen per layer by the rule (block size 4)
+    assert len(ranks) == 8
+    assert set(ranks.values()) <= {1, 2, 4}, ranks
+    for layer, stage in ((LAYER, "0-mlp"), (ATTENTION, "1-attention")):
+        shard = f"shards/{layer}.safetensors"
+        start, start_meta = read_shard(reference / "stages" / stage / "quantize" / shard)
+        final, final_meta = read_shard(reference / shard)
+        _, c0, codes0, _ = decode_layer(start, start_meta, where="start")
+        _, c1, codes1, _ = decode_layer(final, final_meta, where="final")
+        assert c0.shape == c1.shape  # LR²VQ too exports (k, m): the codebook C P
+        # The weight (or R P) trained and was clustered again: codes moved (iPQ's never do).
+        changed = float((codes0 != codes1).float().mean())
+        assert changed > 0.01, (layer, changed)
     model = dist_pgkm.load(reference)
     assert isinstance(model.get_submodule(LAYER), PQModule)
+    assert isinstance(model.get_submodule(ATTENTION), PQModule)
     ids = torch.tensor([[1, 504, 3287, 28, 253, 2137, 30]])
     with torch.no_grad():
         assert torch.isfinite(model(input_ids=ids).logits).all()
 
 
-def test_killed_idkm_stage_resumes_to_the_same_bytes(
+def test_killed_lr2vq_stage_resumes_to_the_same_bytes(
     tmp_path: Path, config_file: Path, reference: Path
 ) -> None:
     out = tmp_path / "out"
     proc = subprocess.Popen(
         _cmd(config_file, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env()
     )
-    kill_at(proc, out, stage=0, step=2)  # the IDKM stage has a checkpoint at step 2 of 4
+    # The LR²VQ stage has a checkpoint (R, P, centroids) at step 2 of 4; its ranks are in the
+    # state. (The IDKM stage, finished by then, is rebuilt from its files.)
+    kill_at(proc, out, stage=1, step=2)
     rerun = subprocess.run(
         [*_cmd(config_file, out), "--resume"], capture_output=True, text=True, timeout=900,
         env=_env(),
     )  # fmt: skip
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    for name in ("model.safetensors", f"shards/{LAYER}.safetensors"):
+    for name in (
+        "model.safetensors",
+        f"shards/{LAYER}.safetensors",
+        f"shards/{ATTENTION}.safetensors",
+    ):
         assert (out / name).read_bytes() == (reference / name).read_bytes(), name

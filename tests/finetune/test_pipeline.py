@@ -92,6 +92,7 @@ def test_staged_run_trains_and_loads(reference: Path) -> None:
     assert [h["step"] for h in summary["history"]] == [1, 2, 3, 4, 1, 2, 3, 4]
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in summary["history"])
     assert (reference / "report" / "loss.png").is_file()
+    assert not (reference / "deepspeed").exists()  # deleted once merged: nothing resumes from it
     model = dist_pgkm.load(reference)
     pq = {n for n, m in model.named_modules() if isinstance(m, PQModule)}
     assert len(pq) == 14
