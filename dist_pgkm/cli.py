@@ -643,6 +643,86 @@ def _register_bench_finetune(
     p.set_defaults(handler=_run_bench_finetune)
 
 
+def _run_bench_dkm(args: argparse.Namespace) -> int:
+    from dist_pgkm.bench import dkm  # type: ignore[import-not-found, unused-ignore]
+    from dist_pgkm.bench.common import write_json  # type: ignore[import-not-found, unused-ignore]
+
+    options = dkm.DKMBenchOptions(
+        quick=args.quick,
+        parts=args.parts,
+        work_dir=args.work_dir,
+        command=shlex.join(["dist-pgkm", *args.argv]),
+        chunk=args.chunk,
+        repeats=args.repeats,
+    )
+
+    def save(report: Any) -> None:  # after every case: a long run stopped midway keeps its rows
+        if args.json is not None:
+            write_json(args.json, report.as_dict())
+        if args.md is not None:
+            dkm.write_markdown(args.md, report)
+
+    with _progress() as update:
+        report = dkm.run_benchmark(options, progress=update, on_row=save)
+    dkm.render_report(_stdout_console(), report)
+    save(report)
+    return 0
+
+
+def _register_bench_dkm(subparsers: Subparsers, parents: list[argparse.ArgumentParser]) -> None:
+    from dist_pgkm.bench.dkm import (  # type: ignore[import-not-found, unused-ignore]
+        BLOCK_SIZE,
+        ITERS,
+        LAYER,
+        PARTS,
+        QUICK_ITERS,
+        QUICK_REPEATS,
+        REPEATS,
+        K,
+    )
+
+    p = subparsers.add_parser(
+        "dkm",
+        parents=parents,
+        help="DKM vs IDKM vs IDKM-JFB on a SmolLM2 layer: autograd memory, peak RSS, backward time",
+        description=(
+            f"Soft k-means on SmolLM2-135M's {LAYER} (block size {BLOCK_SIZE}, k {K}) with each "
+            f"method at t = {', '.join(map(str, ITERS))} steps, each case in its own process: "
+            "bytes autograd saves, peak RSS of forward + backward, forward and backward seconds, "
+            "IDKM's solver iterations; targets computed from them."
+        ),
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"t = {', '.join(map(str, QUICK_ITERS))} on a slice of the layer: a smoke run, "
+        "targets not judged",
+    )
+    p.add_argument("--json", type=Path, metavar="PATH", help="write the report as JSON")
+    p.add_argument(
+        "--md", type=Path, metavar="PATH", help="rewrite the dkm section of this markdown file"
+    )
+    _add_choice_list(p, "--parts", PARTS)
+    p.add_argument(
+        "--chunk",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="sub-vectors per attention piece, checkpointed (default: the whole attention)",
+    )
+    p.add_argument(
+        "--repeats",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help=f"runs per case, median reported (default {REPEATS}, quick {QUICK_REPEATS})",
+    )
+    p.add_argument(
+        "--work-dir", type=Path, default=None, metavar="DIR", help="where the inputs are written"
+    )
+    p.set_defaults(handler=_run_bench_dkm)
+
+
 def _register_bench_scaling(subparsers: Subparsers, parents: list[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser(
         "scaling",
@@ -832,12 +912,13 @@ def _register_export_dense(subparsers: Subparsers, parents: list[argparse.Argume
     p.set_defaults(handler=_run_export_dense)
 
 
-# Benchmarks under `dist-pgkm bench`; add dkm here.
+# Benchmarks under `dist-pgkm bench`.
 _BENCHMARKS: tuple[Callable[[Subparsers, list[argparse.ArgumentParser]], None], ...] = (
     _register_bench_kmeans,
     _register_bench_ptq,
     _register_bench_scaling,
     _register_bench_finetune,
+    _register_bench_dkm,
 )
 
 

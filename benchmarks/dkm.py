@@ -1,0 +1,735 @@
+"""``dist-pgkm bench dkm``: DKM, IDKM and IDKM-JFB on a real layer as the iterations t grow.
+
+Part ``memory`` (issue 6 §3). SmolLM2-135M's ``model.layers.0.mlp.up_proj`` weight
+(``(1536, 576)``, float32) is cut into sub-vectors of 8, started from a 256-centroid PG k-means
+codebook, and for each method and ``t`` a fresh child process runs::
+
+    c = soft_kmeans(x, c0, tau, t, method, chunk=chunk)     # x requires grad
+    loss = (soft_weight(x, c, tau, chunk) * g).sum()         # g: a fixed random probe
+    loss.backward()
+
+with ``tau`` as :class:`~dist_pgkm.dkm.wrap.DKMLayer` sets it (1.0 times the mean squared
+distance of a sub-vector to its nearest initial centroid). Each child reports
+
+* **autograd saved**: the distinct storages the forward hands to autograd's saved-tensor hook,
+  other than ``x``'s and ``g``'s own (which exist anyway);
+* **peak RSS**: the process's high-water RSS during the first forward + backward above the RSS
+  just before it. The high-water mark is reset first by writing ``5`` to
+  ``/proc/self/clear_refs`` (so loading the inputs does not count); where that is not allowed,
+  the baseline is the high-water mark itself (``peak_method`` says which). A warm-up on 1,024
+  sub-vectors precedes it, so that one-time initialisation (thread pool, kernels) is not billed
+  to the first case while nothing of the measured size has been allocated and freed yet;
+* **forward / backward seconds**: the median of the runs (the first is the memory run; its
+  saved-tensor hook costs one dictionary insert per saved tensor);
+* IDKM's backward solve: iterations, last residual, fallbacks to the Jacobian-free gradient.
+
+``chunk`` defaults to None (the whole ``(n, k)`` attention at once), where the memory story is
+plainest: unrolled DKM keeps every step's attention. With a chunk (``add_dkm`` uses one) the
+steps are checkpointed and DKM keeps only the centroids per step (``--chunk N`` to see it).
+
+Targets: DKM's saved bytes grow linearly in ``t`` (least-squares R² >= 0.99); IDKM's and
+IDKM-JFB's peak RSS at t = 16 within 1.1x of t = 1; IDKM-JFB's backward time at t = 16 within
+1.2x of t = 1. The JFB backward does the same work whatever ``t`` (one step's graph), so the
+ratio is 1 up to timing noise. 1.2 leaves room for that noise on a shared 2-core machine (single
+runs of this same backward at different ``t`` were up to ~1.2x apart while a CI job ran beside
+them) while DKM's backward, which grows about t-fold, stays far outside it.
+
+The report keeps a ``quality_rows`` list for a second part (quality after training), which this
+module does not run yet.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import inspect
+import json
+import logging
+import math
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from dist_pgkm.bench.common import (  # type: ignore[import-not-found, unused-ignore]
+    MARKDOWN_INTRO,
+    Target,
+    format_bytes,
+    format_value,
+    git_commit,
+    machine_info,
+    machine_line,
+    markdown_table,
+    replace_marker_section,
+    targets_markdown,
+    targets_rich_table,
+    utc_now,
+)
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from dist_pgkm.dkm.functional import Method, SolverStats, soft_kmeans, soft_weight, sq_distances
+from dist_pgkm.errors import InvalidInputError
+from dist_pgkm.utils.memory import peak_rss_bytes
+
+__all__ = [
+    "METHODS",
+    "PARTS",
+    "DKMBenchOptions",
+    "DKMBenchReport",
+    "compute_targets",
+    "linear_fit",
+    "markdown_section",
+    "measure_case",
+    "memory_child",
+    "render_report",
+    "run_benchmark",
+    "write_markdown",
+]
+
+logger = logging.getLogger(__name__)
+
+ProgressHook = Callable[[int, int, str], None]
+
+PARTS = ("memory",)
+METHODS: tuple[Method, ...] = ("dkm", "idkm", "idkm-jfb")
+MODEL = "smollm2-135m"
+LAYER = "model.layers.0.mlp.up_proj"
+BLOCK_SIZE = 8
+K = 256
+TAU = 1.0  # relative, as DKMOptions.tau
+SEED = 0  # of the PG k-means start and of the probe g
+ITERS = (1, 2, 4, 8, 16)
+QUICK_ITERS = (1, 4)
+QUICK_ROWS = 128  # output rows of the weight in quick mode: 128 * 576 / 8 = 9,216 sub-vectors
+REPEATS = 3
+QUICK_REPEATS = 2
+WARMUP_ROWS = 1024
+LINEAR_R2_GOAL = 0.99  # DKM's saved bytes against t
+FLAT_PEAK_GOAL = 1.1  # IDKM / IDKM-JFB peak RSS, largest t / smallest t
+JFB_BACKWARD_GOAL = 1.2  # IDKM-JFB backward seconds, largest t / smallest t (timing noise)
+
+
+@dataclass(frozen=True)
+class DKMBenchOptions:
+    """What to run.
+
+    Attributes:
+        quick: t in :data:`QUICK_ITERS` on the first :data:`QUICK_ROWS` output rows of the
+            layer, :data:`QUICK_REPEATS` runs per case: a smoke run, targets not judged.
+        parts: Parts to run (:data:`PARTS`).
+        work_dir: Where the inputs shared by the child processes are written (default: a temp
+            dir removed at the end).
+        command: The command line, recorded in the report.
+        chunk: Sub-vectors per piece of the attention (None: the whole ``(n, k)`` at once).
+        repeats: Runs per case, the first being the memory run (default: :data:`REPEATS`, or
+            :data:`QUICK_REPEATS` in quick mode).
+
+    Raises:
+        InvalidInputError: An unknown part, ``chunk < 1`` or ``repeats < 1``.
+    """
+
+    quick: bool = False
+    parts: tuple[str, ...] = PARTS
+    work_dir: Path | None = None
+    command: str = "dist-pgkm bench dkm"
+    chunk: int | None = None
+    repeats: int | None = None
+
+    def __post_init__(self) -> None:
+        unknown = [p for p in self.parts if p not in PARTS]
+        if unknown or not self.parts:
+            raise InvalidInputError(
+                f"bench dkm parts {list(self.parts)}: choose among {', '.join(PARTS)}."
+            )
+        if (self.chunk is not None and self.chunk < 1) or (
+            self.repeats is not None and self.repeats < 1
+        ):
+            raise InvalidInputError(
+                f"bench dkm needs chunk >= 1 (or none) and repeats >= 1; got chunk={self.chunk}, "
+                f"repeats={self.repeats}."
+            )
+
+    @property
+    def mode(self) -> str:
+        return "quick" if self.quick else "full"
+
+    @property
+    def iters(self) -> tuple[int, ...]:
+        return QUICK_ITERS if self.quick else ITERS
+
+    @property
+    def runs(self) -> int:
+        if self.repeats is not None:
+            return self.repeats
+        return QUICK_REPEATS if self.quick else REPEATS
+
+
+@dataclass
+class DKMBenchReport:
+    """Everything one run measured; :meth:`as_dict` is the JSON file.
+
+    ``setup`` holds what each part ran on, by part name; ``memory_rows`` one row per method and
+    ``t``; ``quality_rows`` is filled by a quality part (none yet).
+    """
+
+    mode: str
+    command: str
+    machine: dict[str, Any]
+    commit: str | None
+    date: str
+    setup: dict[str, dict[str, Any]] = field(default_factory=dict)
+    memory_rows: list[dict[str, Any]] = field(default_factory=list)
+    quality_rows: list[dict[str, Any]] = field(default_factory=list)
+    targets: list[Target] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "benchmark": "dkm",
+            "mode": self.mode,
+            "command": self.command,
+            "machine": self.machine,
+            "commit": self.commit,
+            "date": self.date,
+            "seconds": self.seconds,
+            "setup": self.setup,
+            "memory_rows": self.memory_rows,
+            "quality_rows": self.quality_rows,
+            "targets": [t.as_dict() for t in self.targets],
+        }
+
+
+# --- one case, in a child process -------------------------------------------------------------
+
+
+def _solver_defaults() -> dict[str, Any]:
+    """IDKM's backward-solve settings the benchmark runs with (``soft_kmeans``'s defaults)."""
+    params = inspect.signature(soft_kmeans).parameters
+    return {
+        "solver_iters": params["solver_iters"].default,
+        "solver_tol": params["solver_tol"].default,
+    }
+
+
+def _reset_peak() -> bool:
+    """Reset this process's ``VmHWM`` to its current RSS; False where Linux does not allow it."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as fh:
+            fh.write("5")
+    except OSError:
+        return False
+    return True
+
+
+def _current_rss_bytes() -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    return None
+
+
+@contextlib.contextmanager
+def _saved_storages(storages: dict[int, int], skip: Sequence[torch.Tensor]) -> Iterator[None]:
+    """Record ``data_ptr -> nbytes`` of every storage autograd saves, except ``skip``'s."""
+    skipped = {t.untyped_storage().data_ptr() for t in skip}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in skipped:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield
+
+
+def _forward_backward(
+    x: torch.Tensor,
+    c0: torch.Tensor,
+    g: torch.Tensor,
+    tau: float,
+    iters: int,
+    method: Method,
+    chunk: int | None,
+    stats: SolverStats | None,
+    storages: dict[int, int] | None = None,
+) -> tuple[float, float]:
+    """One forward and backward to ``x``; returns their seconds."""
+    hooks = _saved_storages(storages, (x, g)) if storages is not None else contextlib.nullcontext()
+    start = time.perf_counter()
+    with hooks:
+        c = soft_kmeans(x, c0, tau, iters, method, stats=stats, chunk=chunk)
+        loss = (soft_weight(x, c, tau, chunk) * g).sum()
+    mid = time.perf_counter()
+    loss.backward()  # type: ignore[no-untyped-call]
+    return mid - start, time.perf_counter() - mid
+
+
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+def measure_case(
+    inputs: Path, method: Method, iters: int, tau: float, chunk: int | None, runs: int
+) -> dict[str, Any]:
+    """Measure one method at ``iters`` steps on the inputs :func:`run_benchmark` wrote.
+
+    Meant to run in a process of its own, so that its peak RSS is its own.
+
+    Args:
+        inputs: safetensors file with ``x`` (sub-vectors), ``c0`` (start) and ``g`` (probe).
+        method: ``dkm``, ``idkm`` or ``idkm-jfb``.
+        iters: Soft k-means steps ``t``.
+        tau: Absolute temperature.
+        chunk: Sub-vectors per piece of the attention (None: all at once).
+        runs: Forward + backward runs; the first measures memory, all are timed.
+
+    Returns:
+        ``saved_bytes`` and ``saved_storages`` (what autograd keeps, besides ``x`` and ``g``),
+        ``peak_rss_bytes`` (above ``baseline_rss_bytes``, measured as ``peak_method`` says),
+        ``forward_s`` and ``backward_s`` (medians of ``forward_runs_s`` / ``backward_runs_s``),
+        ``threads``, and for IDKM ``solver_iterations`` and ``solver_residuals`` (per run),
+        ``solver_calls`` and ``solver_fallbacks``.
+    """
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(inputs))
+    x, c0, g = tensors["x"].requires_grad_(), tensors["c0"], tensors["g"]
+    with_stats = method == "idkm"
+    warm = x[:WARMUP_ROWS].detach().clone().requires_grad_()
+    _forward_backward(warm, c0, g[:WARMUP_ROWS], tau, 1, method, chunk, SolverStats())
+    del warm
+    gc.collect()
+
+    reset = _reset_peak()
+    current = _current_rss_bytes()
+    baseline = current if reset and current is not None else peak_rss_bytes()
+    storages: dict[int, int] = {}
+    forward, backward, iterations, residuals = [], [], [], []
+    stats = SolverStats()
+    peak = 0
+    for run in range(runs):
+        x.grad = None
+        fwd, bwd = _forward_backward(
+            x, c0, g, tau, iters, method, chunk, stats if with_stats else None,
+            storages if run == 0 else None,
+        )  # fmt: skip
+        if run == 0:
+            peak = peak_rss_bytes() - baseline
+        forward.append(fwd)
+        backward.append(bwd)
+        if with_stats:
+            iterations.append(stats.iterations)
+            residuals.append(_finite(stats.residual))
+        gc.collect()
+    row: dict[str, Any] = {
+        "saved_bytes": sum(storages.values()),
+        "saved_storages": len(storages),
+        "peak_rss_bytes": peak,
+        "baseline_rss_bytes": baseline,
+        "peak_method": "VmHWM reset by clear_refs" if reset else "high-water mark, not reset",
+        "forward_s": statistics.median(forward),
+        "backward_s": statistics.median(backward),
+        "forward_runs_s": forward,
+        "backward_runs_s": backward,
+        "threads": torch.get_num_threads(),
+    }
+    if with_stats:
+        row.update(
+            solver_iterations=iterations,
+            solver_residuals=residuals,
+            solver_calls=stats.calls,
+            solver_fallbacks=stats.fallbacks,
+        )
+    return row
+
+
+def memory_child(spec: str) -> None:
+    """Body of a child process: :func:`measure_case` of a JSON spec; one JSON line on stdout."""
+    args = json.loads(spec)
+    row = measure_case(
+        Path(args["inputs"]), args["method"], args["iters"], args["tau"], args["chunk"],
+        args["runs"],
+    )  # fmt: skip
+    sys.stdout.write(json.dumps(row) + "\n")
+
+
+def _run_child(spec: Mapping[str, Any]) -> dict[str, Any]:
+    code = f"from dist_pgkm.bench.dkm import memory_child; memory_child({json.dumps(spec)!r})"
+    command = [sys.executable, "-c", code]
+    proc = subprocess.run(command, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{shlex.join(command)} failed:\n{proc.stderr[-3000:]}")
+    row: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return row
+
+
+# --- the memory part --------------------------------------------------------------------------
+
+
+def _prepare_inputs(options: DKMBenchOptions, path: Path) -> dict[str, Any]:
+    """Write the layer's sub-vectors, the PG k-means start and the probe; return the setup."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from dist_pgkm.models import offline
+    from dist_pgkm.pq.codec import to_subvectors
+    from dist_pgkm.pq.quantize import quantize_weight
+
+    with safe_open(str(offline.smollm2_dir() / "model.safetensors"), "pt") as f:
+        weight = f.get_tensor(f"{LAYER}.weight").float()  # (out, in) = (1536, 576)
+    shape = tuple(weight.shape)
+    if options.quick:
+        weight = weight[:QUICK_ROWS]  # (QUICK_ROWS, in)
+    start = time.perf_counter()
+    c0 = quantize_weight(weight, BLOCK_SIZE, K, seed=SEED, name=LAYER).centroids.float()
+    init_seconds = time.perf_counter() - start
+    x = to_subvectors(weight, BLOCK_SIZE, LAYER).contiguous()  # (out * in / bs, bs)
+    # DKMLayer's temperature: TAU times the mean squared distance to the nearest start centroid.
+    tau = TAU * max(float(sq_distances(x, c0).amin(1).mean()), 1e-30)
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(SEED))  # (n, bs)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"x": x, "c0": c0.contiguous(), "g": g}, str(path))
+    return {
+        "model": MODEL,
+        "layer": LAYER,
+        "weight_shape": list(shape),
+        "rows": weight.shape[0],
+        "n": x.shape[0],
+        "block_size": BLOCK_SIZE,
+        "k": c0.shape[0],
+        "dtype": "float32",
+        "init": f"pgkm, seed {SEED}",
+        "init_seconds": init_seconds,
+        "tau_relative": TAU,
+        "tau": tau,
+        "chunk": options.chunk,
+        "iters": list(options.iters),
+        "runs": options.runs,
+        "warmup_rows": WARMUP_ROWS,
+        **_solver_defaults(),
+    }
+
+
+def _run_memory(
+    options: DKMBenchOptions,
+    work: Path,
+    report: DKMBenchReport,
+    progress: ProgressHook,
+    on_row: Callable[[DKMBenchReport], None] | None,
+    start: float,
+) -> None:
+    inputs = work / "dkm-inputs.safetensors"
+    progress(0, 1, "PG k-means start")
+    setup = _prepare_inputs(options, inputs)
+    report.setup["memory"] = setup
+    cases = [(method, t) for method in METHODS for t in options.iters]
+    for i, (method, t) in enumerate(cases):
+        label = f"{method} t={t}"
+        progress(i, len(cases), label)
+        logger.info("dkm bench: %s", label)
+        spec = {
+            "inputs": str(inputs),
+            "method": method,
+            "iters": t,
+            "tau": setup["tau"],
+            "chunk": options.chunk,
+            "runs": options.runs,
+        }
+        measured = _run_child(spec)
+        report.memory_rows.append(
+            {"method": method, "t": t, "n": setup["n"], "k": setup["k"], "chunk": options.chunk}
+            | measured
+        )
+        report.targets = compute_targets(report.memory_rows, quick=options.quick)
+        report.seconds = time.perf_counter() - start
+        if on_row is not None:
+            on_row(report)
+    progress(len(cases), len(cases), "done")
+
+
+def run_benchmark(
+    options: DKMBenchOptions,
+    progress: ProgressHook | None = None,
+    on_row: Callable[[DKMBenchReport], None] | None = None,
+) -> DKMBenchReport:
+    """Run the selected parts, then compute the targets from their rows.
+
+    Args:
+        options: What to run.
+        progress: Called before each case.
+        on_row: Called with the report so far after each case, so that a long run interrupted
+            midway still leaves its finished rows.
+
+    Raises:
+        ModelSourceError: SmolLM2-135M is not installed.
+        RuntimeError: A child process failed.
+    """
+    report_progress = progress or (lambda done, total, description: None)
+    start = time.perf_counter()
+    report = DKMBenchReport(
+        mode=options.mode,
+        command=options.command,
+        machine=machine_info({"torch_threads": torch.get_num_threads()}),
+        commit=git_commit(),
+        date=utc_now(),
+    )
+    with tempfile.TemporaryDirectory(prefix="dist-pgkm-dkm-") as tmp:
+        work = Path(options.work_dir or tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        if "memory" in options.parts:
+            _run_memory(options, work, report, report_progress, on_row, start)
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+# --- targets ----------------------------------------------------------------------------------
+
+
+def linear_fit(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float, float]:
+    """Least-squares line through ``(xs, ys)``: ``(slope, intercept, R²)``.
+
+    R² is 1 when the points lie on the line (constant ``ys`` included).
+
+    Raises:
+        ValueError: Fewer than two points, or all ``xs`` equal.
+    """
+    n = len(xs)
+    if n < 2 or len(ys) != n or len(set(xs)) < 2:
+        raise ValueError(f"a line needs two distinct xs and as many ys; got {xs} and {ys}")
+    mx, my = sum(xs) / n, sum(ys) / n
+    sxx = sum((x - mx) ** 2 for x in xs)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx
+    intercept = my - slope * mx
+    ss_res = sum((y - intercept - slope * x) ** 2 for x, y in zip(xs, ys, strict=True))
+    ss_tot = sum((y - my) ** 2 for y in ys)
+    r2 = 1.0 if ss_tot == 0 else 1.0 - ss_res / ss_tot
+    return slope, intercept, r2
+
+
+def _by_t(rows: Sequence[Mapping[str, Any]], method: str) -> dict[int, Mapping[str, Any]]:
+    return {int(r["t"]): r for r in rows if r["method"] == method}
+
+
+def _judged(ts: Sequence[int], quick: bool) -> bool:
+    """Targets are judged on a full run that measured every ``t`` (not on a partial report)."""
+    return not quick and set(ITERS) <= set(ts)
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b > 0 else math.inf
+
+
+def _measured(value: float, digits: int) -> float | str:
+    """A ratio for :class:`Target` (JSON has no infinity)."""
+    return round(value, digits) if math.isfinite(value) else "inf"
+
+
+def _dkm_linear(rows: Mapping[int, Mapping[str, Any]], quick: bool) -> Target:
+    ts = sorted(rows)
+    saved = [float(rows[t]["saved_bytes"]) for t in ts]
+    slope, intercept, r2 = linear_fit(ts, saved)
+    ratio = _ratio(saved[-1], saved[0])
+    peak = [float(rows[t]["peak_rss_bytes"]) for t in ts]
+    _, _, peak_r2 = linear_fit(ts, peak)
+    return Target(
+        id="dkm-linear",
+        name="DKM: autograd-saved bytes linear in t (R² of a least-squares line)",
+        measured=round(r2, 4),
+        target=f">= {LINEAR_R2_GOAL}, growing",
+        met=(r2 >= LINEAR_R2_GOAL and slope > 0) if _judged(ts, quick) else None,
+        note=(
+            f"{format_bytes(slope)} per step; t={ts[-1]} / t={ts[0]}: {ratio:.1f}x "
+            f"({format_bytes(saved[0])} to {format_bytes(saved[-1])}); peak RSS R² {peak_r2:.4f}"
+        ),
+        detail={
+            "slope_bytes_per_step": slope,
+            "intercept_bytes": intercept,
+            "ratio": _measured(ratio, 4),
+            "saved_bytes": dict(zip(map(str, ts), saved, strict=True)),
+            "peak_rss_bytes": dict(zip(map(str, ts), peak, strict=True)),
+            "peak_rss_r2": peak_r2,
+        },
+    )
+
+
+def _flat_peak(method: str, rows: Mapping[int, Mapping[str, Any]], quick: bool) -> Target:
+    ts = sorted(rows)
+    lo, hi = rows[ts[0]], rows[ts[-1]]
+    ratio = _ratio(hi["peak_rss_bytes"], lo["peak_rss_bytes"])
+    peaks = [rows[t]["peak_rss_bytes"] for t in ts]
+    return Target(
+        id=f"{method}-memory",
+        name=f"{method.upper()}: peak RSS at t={ts[-1]} / at t={ts[0]}",
+        measured=_measured(ratio, 3),
+        target=f"<= {FLAT_PEAK_GOAL}",
+        met=ratio <= FLAT_PEAK_GOAL if _judged(ts, quick) else None,
+        note=(
+            f"{format_bytes(lo['peak_rss_bytes'])} to {format_bytes(hi['peak_rss_bytes'])} above "
+            f"baseline (max / min over t {_ratio(max(peaks), min(peaks)):.3f}); autograd saved "
+            f"{format_bytes(lo['saved_bytes'])} to {format_bytes(hi['saved_bytes'])}"
+        ),
+        detail={
+            "peak_rss_bytes": {str(t): rows[t]["peak_rss_bytes"] for t in ts},
+            "saved_bytes": {str(t): rows[t]["saved_bytes"] for t in ts},
+        },
+    )
+
+
+def _jfb_backward(
+    rows: Mapping[int, Mapping[str, Any]], dkm: Mapping[int, Mapping[str, Any]], quick: bool
+) -> Target:
+    ts = sorted(rows)
+    lo, hi = rows[ts[0]]["backward_s"], rows[ts[-1]]["backward_s"]
+    note = f"{lo:.3g} s at t={ts[0]}, {hi:.3g} s at t={ts[-1]}"
+    if ts[0] in dkm and ts[-1] in dkm:
+        grow = _ratio(dkm[ts[-1]]["backward_s"], dkm[ts[0]]["backward_s"])
+        note += f"; DKM's backward {grow:.1f}x over the same t"
+    ratio = _ratio(hi, lo)
+    return Target(
+        id="jfb-backward",
+        name=f"IDKM-JFB: backward seconds at t={ts[-1]} / at t={ts[0]}",
+        measured=_measured(ratio, 3),
+        target=f"<= {JFB_BACKWARD_GOAL}",
+        met=ratio <= JFB_BACKWARD_GOAL if _judged(ts, quick) else None,
+        note=note,
+        detail={"backward_s": {str(t): rows[t]["backward_s"] for t in ts}},
+    )
+
+
+def compute_targets(memory_rows: Sequence[Mapping[str, Any]], quick: bool = False) -> list[Target]:
+    """The targets of issue 6 §3 from the memory rows (not judged in quick mode).
+
+    A target appears once its method has rows at two values of ``t``; it is judged (met or
+    MISSED) on a full run only once every ``t`` of :data:`ITERS` is there.
+    """
+    targets: list[Target] = []
+    dkm = _by_t(memory_rows, "dkm")
+    if len(dkm) >= 2:
+        targets.append(_dkm_linear(dkm, quick))
+    for method in ("idkm", "idkm-jfb"):
+        rows = _by_t(memory_rows, method)
+        if len(rows) >= 2:
+            targets.append(_flat_peak(method, rows, quick))
+    jfb = _by_t(memory_rows, "idkm-jfb")
+    if len(jfb) >= 2:
+        targets.append(_jfb_backward(jfb, dkm, quick))
+    return targets
+
+
+# --- output -----------------------------------------------------------------------------------
+
+_MEMORY_COLUMNS = (
+    "method", "t", "autograd saved", "peak RSS", "forward s", "backward s", "solver its",
+    "residual", "fallbacks",
+)  # fmt: skip
+_MEMORY_ALIGN = "lrrrrrrrr"
+
+
+def _memory_cells(row: Mapping[str, Any]) -> list[str]:
+    iterations = row.get("solver_iterations") or []
+    residuals = [r for r in row.get("solver_residuals") or [] if r is not None]
+    calls = row.get("solver_calls")
+    return [
+        row["method"],
+        str(row["t"]),
+        format_bytes(row["saved_bytes"]),
+        format_bytes(row["peak_rss_bytes"]),
+        format_value(row.get("forward_s"), ".3f"),
+        format_value(row.get("backward_s"), ".3f"),
+        ", ".join(map(str, iterations)) or "-",
+        format_value(residuals[-1] if residuals else None, ".1e"),
+        f"{row['solver_fallbacks']}/{calls}" if calls else "-",
+    ]
+
+
+def render_report(console: Console, report: DKMBenchReport) -> None:
+    """Print the results and the targets."""
+    if report.memory_rows:
+        table = Table(title=f"DKM memory and time against t ({report.mode})", title_justify="left")
+        for column, align in zip(_MEMORY_COLUMNS, _MEMORY_ALIGN, strict=True):
+            table.add_column(column, justify="right" if align == "r" else "left")
+        for row in report.memory_rows:
+            table.add_row(*(escape(c) for c in _memory_cells(row)))
+        console.print(table)
+    if report.targets:
+        console.print(targets_rich_table(report.targets))
+    console.print(
+        f"{report.mode} mode, {report.seconds:.0f} s, commit {report.commit or 'unknown'}",
+        markup=False,
+        highlight=False,
+    )
+
+
+def _memory_about(setup: Mapping[str, Any]) -> str:
+    rows, cols = setup["weight_shape"]
+    runs = "one run" if setup["runs"] == 1 else f"median of {setup['runs']} runs"
+    sample = "" if setup["rows"] == rows else f", its first {setup['rows']:,} rows"
+    chunk = (
+        "the whole attention at once (`chunk` none)"
+        if setup["chunk"] is None
+        else f"`chunk` {setup['chunk']:,}: checkpointed pieces, which keep their inputs (views of "
+        "the sub-vectors) and recompute the rest backward, so autograd saves next to nothing "
+        "and peak RSS is the measure"
+    )
+    return (
+        f"SmolLM2-135M `{setup['layer']}` ({rows} x {cols}{sample}): {setup['n']:,} sub-vectors "
+        f"of {setup['block_size']}, k = {setup['k']} ({setup['init']}), {setup['dtype']}, tau "
+        f"{setup['tau_relative']} x the mean squared distance to the nearest start centroid "
+        f"({setup['tau']:.4g}), {chunk}. Each (method, t) in a child process: `soft_kmeans` "
+        "t steps, `soft_weight`, a fixed linear loss, backward to the sub-vectors. autograd "
+        "saved: distinct storages the forward saves, besides the sub-vectors and the probe. "
+        "peak RSS: high-water RSS of the first forward + backward above the RSS before it "
+        f"(after a warm-up on {setup['warmup_rows']:,} sub-vectors). forward / backward: {runs}. "
+        "solver its: IDKM's backward fixed-point iterations, per run "
+        f"(cap {setup['solver_iters']}, tolerance {setup['solver_tol']:g} relative to the "
+        "gradient); residual: the last run's last update, relative; fallbacks: backward passes "
+        "that diverged and used the Jacobian-free gradient, of all passes."
+    )
+
+
+def _memory_markdown(report: DKMBenchReport) -> list[str]:
+    lines = ["#### Memory and time against t", ""]
+    setup = report.setup.get("memory")
+    if setup is not None:
+        lines += [_memory_about(setup), ""]
+    cells = [_memory_cells(r) for r in report.memory_rows]
+    lines.append(
+        markdown_table(_MEMORY_COLUMNS, cells, align=_MEMORY_ALIGN, group_first_column=True)
+    )
+    return lines
+
+
+def markdown_section(report: DKMBenchReport) -> str:
+    """The ``dkm`` section of ``docs/benchmarks.md``: every part that has rows, then targets."""
+    title = "### DKM, IDKM, IDKM-JFB" + (" (quick mode)" if report.mode == "quick" else "")
+    lines = [
+        title,
+        "",
+        f"Command: `{report.command}` ({report.seconds:.0f} s)",
+        "",
+        machine_line(report.machine, report.commit, report.date),
+        "",
+    ]
+    if report.memory_rows:
+        lines += _memory_markdown(report)
+    lines.append(targets_markdown(report.targets))
+    return "\n".join(lines)
+
+
+def write_markdown(path: Path, report: DKMBenchReport) -> None:
+    """Rewrite this mode's section (``dkm`` or ``dkm-quick``) of ``path``."""
+    name = "dkm" if report.mode == "full" else "dkm-quick"
+    replace_marker_section(path, name, markdown_section(report), intro=MARKDOWN_INTRO)
