@@ -77,6 +77,7 @@ def test_idkm_gradient_matches_dkm_at_convergence(data: dict[str, torch.Tensor])
     implicit, stats = _grad(data, "idkm", 200)
     assert 1 < stats.iterations < 50
     assert stats.residual <= 1e-6
+    assert stats.truncated == 0
     rel = float((unrolled - implicit).norm() / implicit.norm())
     assert rel <= IMPLICIT_VS_UNROLLED, rel
     # Away from convergence the two differ: IDKM assumes a fixed point.
@@ -204,3 +205,13 @@ def test_idkm_far_from_a_fixed_point_falls_back_to_jfb(data: dict[str, torch.Ten
     assert torch.equal(implicit, jfb)
     _, converged = _grad(data, "idkm", 200)
     assert not converged.fallback
+
+
+def test_a_solve_cut_at_its_cap_is_counted(data: dict[str, torch.Tensor]) -> None:
+    x = data["x"].clone().requires_grad_()
+    stats = SolverStats()
+    c = soft_kmeans(x, data["c0"], TAU, 200, "idkm", solver_iters=2, stats=stats)
+    _loss(x, c, data["probe"]).backward()
+    assert stats.iterations == 2
+    assert stats.residual > 1e-6
+    assert (stats.calls, stats.truncated, stats.fallbacks) == (1, 1, 0)
