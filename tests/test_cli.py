@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import json
 import os
 import subprocess
@@ -175,3 +176,37 @@ def test_verbose_is_accepted_before_and_after_the_command(argv: list[str], verbo
         False,
         False,
     )
+
+
+def test_lr2vq_rank_applies_the_rule_to_real_layers(tmp_path: Path) -> None:
+    """SmolLM2's sub-vectors have no low-rank structure: the error keeps falling with d (by
+    more than 2% per step), so the rule picks d = m for each layer."""
+    config = tmp_path / "q.yaml"
+    config.write_text(
+        json.dumps(
+            {
+                "rules": [
+                    {"match": "model.layers.0.mlp.up_proj", "block_size": 8, "k": 64},
+                    {"match": "model.layers.0.self_attn.k_proj", "block_size": 4, "k": 16},
+                ]
+            }
+        )
+    )
+    out = tmp_path / "ranks.json"
+    run = _cli("lr2vq-rank", "smollm2-135m", "--config", str(config), "--sample", "2048",
+               "--json", str(out))  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    rows = {row["layer"]: row for row in json.loads(out.read_text())}
+    assert set(rows) == {"model.layers.0.mlp.up_proj", "model.layers.0.self_attn.k_proj"}
+    for row, m in (
+        (rows["model.layers.0.mlp.up_proj"], 8),
+        (rows["model.layers.0.self_attn.k_proj"], 4),
+    ):
+        errors = [row["relative_error"][str(d)] for d in (1, 2, 4, 8) if d <= m]
+        assert all(a > b * 1.02 for a, b in itertools.pairwise(errors)), errors
+        assert 0 < errors[-1] < errors[0] < 1
+        assert row["rank"] == m
+    assert "ranks chosen" in run.stdout
+    bad = _cli("lr2vq-rank", "smollm2-135m", "--config", str(config), "--match", "lm_head")
+    assert bad.returncode == 2
+    assert "selects none of the layers" in bad.stderr
