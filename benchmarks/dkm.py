@@ -301,7 +301,7 @@ def measure_case(
         ``peak_rss_bytes`` (above ``baseline_rss_bytes``, measured as ``peak_method`` says),
         ``forward_s`` and ``backward_s`` (medians of ``forward_runs_s`` / ``backward_runs_s``),
         ``threads``, and for IDKM ``solver_iterations`` and ``solver_residuals`` (per run),
-        ``solver_calls`` and ``solver_fallbacks``.
+        ``solver_calls``, ``solver_fallbacks`` and ``solver_truncated`` (solves cut at the cap).
     """
     from safetensors.torch import load_file
 
@@ -352,6 +352,7 @@ def measure_case(
             solver_residuals=residuals,
             solver_calls=stats.calls,
             solver_fallbacks=stats.fallbacks,
+            solver_truncated=stats.truncated,
         )
     return row
 
