@@ -43,11 +43,15 @@ def test_bits_per_weight_follow_m() -> None:
 
 def test_choose_rank_finds_the_subspace() -> None:
     x = _subvectors(rank=3)
-    choice = choose_rank(x, k=16)
+    choice = choose_rank(x, k=16, candidates=range(1, 9))
     assert choice.d == 3
     totals = {d: choice.total(d) for d in choice.low_rank_error}
     assert choice.low_rank_error[2] > 10 * choice.low_rank_error[3]  # below 3: signal is lost
     assert totals[3] <= 1.02 * min(totals.values())  # above 3 nothing is gained
+    # The default candidates (powers of two below m, and m) give the first one above the rank.
+    default = choose_rank(x, k=16)
+    assert sorted(default.low_rank_error) == [1, 2, 4, 8]
+    assert default.d == 4
 
 
 def test_kmeans_error_is_below_the_variance() -> None:
