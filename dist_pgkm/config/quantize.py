@@ -15,6 +15,13 @@ first rule whose pattern matches a layer's module name wins; a pattern is an exa
         k: 256
       - match: "re:.*\\.layers\\.0\\..*"
         skip: true
+
+A rule may also ask for the activation-aware levers (docs/quantize.md): ``metric: hessian``
+(the k-means error of a block is weighted by the layer's input second moment, which needs
+calibration text: ``--calib``), per-row or per-group ``scale``, one codebook per
+``codebook_rows`` output rows, and a fraction of ``outliers`` kept exactly. ``convention: llm``
+keeps every layer outside the model's repeated blocks (embeddings, LM head) in float, whatever
+the rules say.
 """
 
 from __future__ import annotations
@@ -32,7 +39,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from dist_pgkm.config.kmeans import METHOD_OPTIONS
 from dist_pgkm.errors import ConfigError
 
-__all__ = ["CONFIG_VERSION", "LayerRule", "QuantizeConfig", "load_config", "name_matches"]
+__all__ = [
+    "CONFIG_VERSION",
+    "CalibrationConfig",
+    "LayerQuantOptions",
+    "LayerRule",
+    "QuantizeConfig",
+    "load_config",
+    "name_matches",
+]
 
 CONFIG_VERSION = 1
 _MAX_K = 65536  # codes are at most 16 bits
@@ -50,7 +65,71 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class LayerRule(_Strict):
+Metric = Literal["weight", "hessian", "hessian-diag"]
+Scale = Literal["none", "row", "group"]
+
+
+class LayerQuantOptions(_Strict):
+    """How a selected layer is quantized beyond its block size and codebook size.
+
+    The defaults are plain product quantization: k-means on the weights themselves, one
+    codebook per layer, no scales, no outliers.
+
+    Attributes:
+        metric: The k-means error of a sub-vector ``w`` against a centroid ``c``: ``weight``
+            is ``|w - c|^2``; ``hessian`` is ``(w - c)^T H_b (w - c)`` with ``H_b`` the
+            ``bs x bs`` diagonal block of the layer's input second moment ``H = X^T X`` for
+            that block's input features (collected from calibration text); ``hessian-diag``
+            keeps only the diagonal of ``H_b``. Linear layers only (and an embedding tied to
+            an output layer, which takes that layer's ``H``); other layers use ``weight``.
+        scale: ``row``: every output row is divided by an fp16 scale before clustering and
+            multiplied back when decoding; ``group``: one scale per ``scale_group`` input
+            features of a row; ``none``.
+        scale_group: Input features per scale with ``scale: group`` (a multiple of the block
+            size that divides the layer's width).
+        codebook_rows: 0: one codebook per layer; ``R``: one codebook per ``R`` output rows
+            (each needs at least ``k`` blocks).
+        outliers: Fraction of the weights kept exactly, in fp16, in a sparse side matrix:
+            those with the largest ``w^2 * H_jj`` (``w^2`` without calibration).
+    """
+
+    metric: Metric = "weight"
+    scale: Scale = "none"
+    scale_group: int = Field(default=64, ge=1)
+    codebook_rows: int = Field(default=0, ge=0)
+    outliers: float = Field(default=0.0, ge=0.0, le=0.1)
+
+    @property
+    def plain(self) -> bool:
+        """Whether these are the defaults (plain product quantization)."""
+        return self == LayerQuantOptions()
+
+    @property
+    def needs_hessian(self) -> bool:
+        """Whether quantizing needs the layer's input second moment from calibration."""
+        return self.metric != "weight"
+
+
+class CalibrationConfig(_Strict):
+    """Calibration text run through the model once to collect every layer's ``H = X^T X``.
+
+    Attributes:
+        text: A corpus name (``wordnet``, ``debian-reference``, ``wikitext-2``) or a UTF-8
+            text file; ``--calib`` sets it. The windows are the calibration split of that
+            text, disjoint from the evaluation windows.
+        samples: Windows of ``seq_len`` tokens.
+        seq_len: Tokens per window.
+        damp: Added to the diagonal of every ``H_b``: ``damp`` times the mean of the layer's
+            ``diag(H)``, so a block whose inputs never vary is still a valid metric.
+    """
+
+    text: str | None = None
+    samples: int = Field(default=128, ge=1)
+    seq_len: int = Field(default=512, ge=2)
+    damp: float = Field(default=0.01, ge=0.0)
+
+
+class LayerRule(LayerQuantOptions):
     """One selection rule.
 
     Attributes:
@@ -58,6 +137,9 @@ class LayerRule(_Strict):
         block_size: Sub-vector length (must divide the layer's input width).
         k: Codebook size, 2..65536.
         skip: Keep matching layers in float (shadows later rules).
+
+    The :class:`LayerQuantOptions` fields (``metric``, ``scale``, ...) apply to the layers the
+    rule selects.
     """
 
     match: list[str]
@@ -95,6 +177,12 @@ class LayerRule(_Strict):
         """Whether ``name`` is one of the exact names or fully matches a ``re:`` pattern."""
         return name_matches(self.match, name)
 
+    def quant_options(self) -> LayerQuantOptions:
+        """The rule's :class:`LayerQuantOptions` on their own."""
+        return LayerQuantOptions(
+            **{key: getattr(self, key) for key in LayerQuantOptions.model_fields}
+        )
+
 
 class QuantizeConfig(_Strict):
     """Everything that decides the bytes of a quantized checkpoint (fingerprinted for resume).
@@ -109,6 +197,12 @@ class QuantizeConfig(_Strict):
         on_unsupported: A selected layer that cannot be quantized as asked (width not a
             multiple of the block size, fewer blocks than ``k``): ``skip`` keeps it in float
             and reports it, ``error`` stops before any work.
+        convention: ``ipq``: every layer a rule selects, embeddings and LM head included
+            (iPQ's convention); ``llm``: only the layers inside the model's repeated blocks
+            (a module path with a numeric index, ``model.layers.3.mlp.up_proj``); embeddings,
+            the LM head and anything else outside the blocks stay in float, as GPTQ, AWQ,
+            VPTQ and AQLM report their results.
+        calibration: The calibration text, for rules with ``metric: hessian``.
         rules: Layer selection, first match wins.
     """
 
@@ -119,6 +213,8 @@ class QuantizeConfig(_Strict):
     method_options: dict[str, Any] = Field(default_factory=dict)
     centroid_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
     on_unsupported: Literal["skip", "error"] = "skip"
+    convention: Literal["ipq", "llm"] = "ipq"
+    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
     rules: list[LayerRule] = Field(min_length=1)
 
     @model_validator(mode="after")
@@ -135,6 +231,11 @@ class QuantizeConfig(_Strict):
                 f"{', '.join(sorted(options.model_fields)) or 'none'})"
             ) from None
         return self
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether a rule asks for a metric that needs calibration text."""
+        return any(not rule.skip and rule.needs_hessian for rule in self.rules)
 
     def rule_for(self, name: str) -> LayerRule | None:
         """The first rule matching ``name`` (None: not selected)."""

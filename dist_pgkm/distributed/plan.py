@@ -8,16 +8,17 @@ whatever executes the jobs, in whatever order, after whatever restarts.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from dist_pgkm.config.quantize import QuantizeConfig
+from dist_pgkm.config.quantize import LayerQuantOptions, QuantizeConfig
 from dist_pgkm.errors import ConfigError
 from dist_pgkm.models.layers import LayerInfo
 from dist_pgkm.utils.seeding import derive_seed
 
-__all__ = ["LayerJob", "Plan", "SkippedLayer", "layer_seed", "plan_run"]
+__all__ = ["LayerJob", "Plan", "SkippedLayer", "in_repeated_block", "layer_seed", "plan_run"]
 
 
 def layer_seed(run_seed: int, name: str) -> int:
@@ -40,6 +41,7 @@ class LayerJob:
         tied: Modules whose weight is this one's.
         est_cost: Relative cost, ``n_blocks * k * block_size * n_iter`` (one distance pass is
             ``n_blocks * k * block_size`` multiply-adds).
+        options: The rule's metric, scales, codebook granularity and outliers.
     """
 
     name: str
@@ -51,6 +53,7 @@ class LayerJob:
     seed: int
     tied: tuple[str, ...]
     est_cost: float
+    options: LayerQuantOptions = field(default_factory=LayerQuantOptions)
 
     @property
     def n_weights(self) -> int:
@@ -86,13 +89,40 @@ class Plan:
         return sum(job.n_weights for job in self.jobs)
 
 
-def _unsupported(layer: LayerInfo, block_size: int, k: int) -> str | None:
+_IN_BLOCKS = re.compile(r"(^|\.)\d+\.")  # a numeric path component: a ModuleList entry
+
+
+def in_repeated_block(name: str) -> bool:
+    """Whether a module sits inside a repeated block (``model.layers.3.mlp.up_proj``)."""
+    return _IN_BLOCKS.search(name) is not None
+
+
+def _unsupported(
+    layer: LayerInfo, block_size: int, k: int, options: LayerQuantOptions
+) -> str | None:
     width = math.prod(layer.shape[1:])
     if width % block_size:
         return f"input width {width} is not a multiple of block size {block_size}"
     n_blocks = math.prod(layer.shape) // block_size
     if n_blocks < k:
         return f"{n_blocks} blocks of {block_size} are fewer than k = {k} codewords"
+    if options.scale == "group" and (
+        options.scale_group % block_size or width % options.scale_group
+    ):
+        return (
+            f"scale_group {options.scale_group} must be a multiple of block size {block_size} "
+            f"and divide the input width {width}"
+        )
+    if options.codebook_rows:
+        rows = layer.shape[0]
+        if rows % options.codebook_rows:
+            return f"codebook_rows {options.codebook_rows} does not divide the {rows} output rows"
+        per_book = options.codebook_rows * width // block_size
+        if per_book < k:
+            return (
+                f"a codebook of {options.codebook_rows} rows has {per_book} blocks, fewer than "
+                f"k = {k} codewords"
+            )
     return None
 
 
@@ -108,12 +138,14 @@ def plan_run(layers: Sequence[LayerInfo], config: QuantizeConfig) -> Plan:
     n_float = 0
     for layer in layers:
         rule = config.rule_for(layer.name)
-        if rule is None or rule.skip:
+        outside = config.convention == "llm" and not in_repeated_block(layer.name)
+        if rule is None or rule.skip or outside:
             n_float += 1
             continue
         assert rule.block_size is not None
         assert rule.k is not None
-        reason = _unsupported(layer, rule.block_size, rule.k)
+        options = rule.quant_options()
+        reason = _unsupported(layer, rule.block_size, rule.k, options)
         if reason is not None:
             skipped.append(SkippedLayer(layer.name, layer.shape, reason))
             continue
@@ -129,6 +161,7 @@ def plan_run(layers: Sequence[LayerInfo], config: QuantizeConfig) -> Plan:
                 seed=layer_seed(config.seed, layer.name),
                 tied=layer.tied,
                 est_cost=float(n_blocks * rule.k * rule.block_size * config.n_iter),
+                options=options,
             )
         )
     if skipped and config.on_unsupported == "error":

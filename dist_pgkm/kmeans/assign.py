@@ -56,6 +56,14 @@ class Assigner(ABC):
             ``dist`` (n,) float32 squared Euclidean distance to it. Fresh tensors every call.
         """
 
+    def distances(
+        self, index: torch.Tensor, centroids: torch.Tensor, codes: torch.Tensor
+    ) -> torch.Tensor:
+        """``(len(index),)`` float32 distance of the points ``index`` to their codes' centroids
+        (the same distance :meth:`assign` minimises)."""
+        diff = self.x[index] - centroids[codes[index]].to(self.x.dtype)
+        return (diff * diff).sum(dim=1)
+
 
 class TorchAssigner(Assigner):
     """Chunked ``||x||^2 - 2 x.c + ||c||^2`` with ``addmm`` + ``min``; CPU or CUDA.

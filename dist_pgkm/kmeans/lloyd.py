@@ -28,6 +28,7 @@ __all__ = [
     "MoveFn",
     "RepairFn",
     "RepairInput",
+    "UpdateFn",
     "finish",
     "lloyd",
     "update_centroids",
@@ -61,6 +62,8 @@ class RepairInput:
 
 RepairFn = Callable[[RepairInput], torch.Tensor]
 MoveFn = Callable[[RepairInput], torch.Tensor]
+UpdateFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""``update(codes, centroids) -> new centroids``: an M-step other than the weighted mean."""
 
 
 def update_centroids(
@@ -103,6 +106,7 @@ def lloyd(
     t0: float | None = None,
     moves: MoveFn | None = None,
     settle: int = 3,
+    update: UpdateFn | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run up to ``n_iter`` Lloyd iterations from ``centroids``.
 
@@ -121,13 +125,20 @@ def lloyd(
             empty clusters on purpose (``repair`` then refills them in the same pass) and
             returns new codes. The clusters it empties are counted in ``stats.moves``.
         settle: Iterations at the end without ``moves``, so the loop ends on plain Lloyd.
+        update: The M-step (default: the weighted mean of the members, as
+            :func:`update_centroids`); the metric-aware loop passes its own.
 
     Returns:
         ``(centroids, codes)``: the last update's centroids and the codes it was computed from.
     """
     t0 = time.perf_counter() if t0 is None else t0
     k = centroids.shape[0]
-    cols = columns(x, weights)  # the M-step's layout, once per run when it is small
+    if update is None:
+        cols = columns(x, weights)  # the M-step's layout, once per run when it is small
+
+        def update(codes: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+            return update_centroids(x, weights, codes, centroids, cols)
+
     codes = torch.zeros(x.shape[0], dtype=torch.int64, device=x.device)
     previous: torch.Tensor | None = None
     for it in range(n_iter):
@@ -145,7 +156,7 @@ def lloyd(
             changed = (moved != codes).nonzero().flatten()
             if changed.numel():
                 codes = moved  # dist is this iteration's own tensor: update it in place
-                dist[changed] = ((x[changed] - centroids[codes[changed]]) ** 2).sum(dim=1)
+                dist[changed] = assigner.distances(changed, centroids, codes)
                 counts = cluster_weights(codes, weights, k)
                 freed = (counts == 0).nonzero().flatten()
                 stats.moves += int(freed.numel() - empty.numel())
@@ -157,7 +168,7 @@ def lloyd(
         stats.iterations += 1
         converged = previous is not None and torch.equal(codes, previous)
         if not converged:  # at a fixed point the update would give the same centroids
-            centroids = update_centroids(x, weights, codes, centroids, cols)
+            centroids = update(codes, centroids)
         stats.elapsed.append(time.perf_counter() - t0)
         if converged:
             break

@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from dist_pgkm.kmeans.metric import BlockMetric
+
 __all__ = ["ClusterInput", "KMeansResult", "KMeansStats"]
 
 
@@ -38,6 +40,8 @@ class KMeansStats:
         elapsed: Seconds since the start of the call at the end of each iteration.
         k_used: Distinct codewords the returned codes really use.
         aborted: The method gave up (fairseq-em: too many split tentatives).
+        metric_sse: With a metric (activation-aware clustering): the error of the result
+            under it, ``sum_i w_i (x_i - c)^T M_gi (x_i - c)``; ``sse`` stays Euclidean.
     """
 
     method: str
@@ -60,6 +64,7 @@ class KMeansStats:
     elapsed: list[float] = field(default_factory=list)
     k_used: int = 0
     aborted: bool = False
+    metric_sse: float | None = None
 
     @property
     def empty_total(self) -> int:
@@ -113,6 +118,7 @@ class ClusterInput:
         seed: Seed of the run's ``torch.Generator``.
         backend: Assignment backend name (``auto`` resolved by the method).
         t0: ``time.perf_counter()`` when the call started.
+        metric: A per-group metric (activation-aware clustering), or None for Euclidean.
     """
 
     x: torch.Tensor
@@ -123,6 +129,7 @@ class ClusterInput:
     seed: int
     backend: str
     t0: float
+    metric: BlockMetric | None = None
 
     def generator(self) -> torch.Generator:
         """A fresh generator seeded with the run's seed (CPU; draws are moved as needed)."""

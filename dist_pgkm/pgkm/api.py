@@ -15,6 +15,8 @@ from dist_pgkm.errors import ConfigError, InvalidInputError
 from dist_pgkm.kmeans.assign import BACKENDS
 from dist_pgkm.kmeans.baselines import fairseq_em, faiss_kmeans, kmeanspp_kmeans
 from dist_pgkm.kmeans.compact import compact as compact_result
+from dist_pgkm.kmeans.metric import BlockMetric, check_metric
+from dist_pgkm.kmeans.metrics import sse_of
 from dist_pgkm.kmeans.types import ClusterInput, KMeansResult
 from dist_pgkm.kmeans.validate import check_k, check_points, check_weights
 from dist_pgkm.pgkm.pgkm import pg_kmeans
@@ -59,6 +61,7 @@ def cluster(
     backend: str = "auto",
     compact: bool = False,
     compact_tol: float = 0.0,
+    metric: BlockMetric | None = None,
     **options: Any,
 ) -> KMeansResult:
     """Cluster the rows of ``x`` into ``k`` centroids.
@@ -75,16 +78,24 @@ def cluster(
             ``faiss-gpu``.
         compact: Merge unused and duplicate codewords; ``centroids`` then has ``k_used`` rows.
         compact_tol: Codewords closer than this (grid pitch) are duplicates; 0 means equal.
+        metric: A per-group quadratic metric (activation-aware clustering, see
+            :mod:`dist_pgkm.kmeans.metric`): point ``i``'s error is ``(x_i - c)^T M_gi (x_i -
+            c)``. The identity is the plain problem (the same bytes); one matrix shared by all
+            points is solved by any method on the whitened points; a metric that differs by
+            group needs ``pgkm``.
         **options: Method options, see :mod:`dist_pgkm.config.kmeans` (e.g. ``consolidate``,
             ``split_by`` for pgkm; ``eps``, ``max_tentatives`` for fairseq-em).
 
     Returns:
         ``centroids`` (float32, ``(k, d)`` or ``(k_used, d)`` when compacted), ``codes`` (int64,
         ``(n,)``) and ``stats``. Same inputs and seed give the same bytes on a given backend.
+        With a metric, ``stats.sse`` stays the Euclidean error and ``stats.metric_sse`` is the
+        error under the metric.
 
     Raises:
         InvalidInputError: Bad points, weights, ``k`` or ``n_iter`` (see the message for the fix).
-        ConfigError: Unknown method or option.
+        ConfigError: Unknown method or option, or a per-group metric with a method other
+            than ``pgkm``.
         BackendUnavailableError: The requested backend cannot run here.
     """
     t0 = time.perf_counter()
@@ -102,8 +113,52 @@ def cluster(
     k = check_k(k, points.shape[0])
     w = check_weights(weights, points.shape[0])
     x32 = points if points.dtype == torch.float32 else points.to(torch.float32)
-    inp = ClusterInput(points, x32.contiguous(), w, k, n_iter, int(seed), backend, t0)
+    if metric is not None:
+        metric = check_metric(metric, points.shape[0], points.shape[1])
+        if metric.is_identity():
+            metric = None  # the plain problem, bit for bit
+        elif metric.shared():
+            result = _whitened(spec, opts, points, x32, w, k, n_iter, seed, backend, t0, metric)
+            return compact_result(result, x32, w, compact_tol) if compact else result
+        elif method != "pgkm":
+            raise ConfigError(
+                f"method {method!r} clusters with the Euclidean distance only; a metric that "
+                "differs from group to group (activation-aware quantization) needs method "
+                "'pgkm'. Use pgkm, or metric: weight for this method."
+            )
+    inp = ClusterInput(points, x32.contiguous(), w, k, n_iter, int(seed), backend, t0, metric)
     result = spec.run(inp, **opts.model_dump())
     if compact:
         result = compact_result(result, inp.x32, w, compact_tol)
     return result
+
+
+def _whitened(
+    spec: MethodSpec,
+    opts: MethodOptions,
+    points: torch.Tensor,
+    x32: torch.Tensor,
+    weights: torch.Tensor | None,
+    k: int,
+    n_iter: int,
+    seed: int,
+    backend: str,
+    t0: float,
+    metric: BlockMetric,
+) -> KMeansResult:
+    """One metric ``M = L L^T`` for all points: cluster ``x L`` plainly, map the codebook back.
+
+    ``(x - c)^T M (x - c) = |x L - c L|^2``, so the Euclidean clustering of the whitened points
+    is the metric clustering, with centroids ``c = c' L^-1``.
+    """
+    factor = torch.linalg.cholesky(metric.shared_matrix().double()).float()  # (d, d) lower
+    y = (x32 @ factor).contiguous()  # (n, d) rows x_i L
+    inp = ClusterInput(y.to(points.dtype), y, weights, k, n_iter, int(seed), backend, t0)
+    result = spec.run(inp, **opts.model_dump())
+    # c L = c'  =>  c = c' L^-1
+    centroids = torch.linalg.solve_triangular(
+        factor.double(), result.centroids.double(), upper=False, left=False
+    ).float()
+    result.stats.metric_sse = result.stats.sse
+    result.stats.sse = sse_of(x32, weights, centroids, result.codes)
+    return KMeansResult(centroids, result.codes, result.stats)

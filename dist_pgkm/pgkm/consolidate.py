@@ -46,28 +46,34 @@ def _column_key(x: torch.Tensor, j: int, radius: float) -> torch.Tensor:
     return (col + 0.0).view(torch.int32).to(torch.int64)  # + 0.0 folds -0.0 into 0.0
 
 
-def _hash_rows(x: torch.Tensor, radius: float) -> torch.Tensor:
+def _hash_rows(x: torch.Tensor, radius: float, tags: torch.Tensor | None) -> torch.Tensor:
     """One int64 per row (polynomial hash with wrap-around), built a column at a time so no
     ``(n, d)`` int64 key matrix is ever materialised; collisions are checked later."""
     h = torch.zeros(x.shape[0], dtype=torch.int64, device=x.device)
+    if tags is not None:
+        h.add_(tags).mul_(_MIX).bitwise_xor_(h >> 29)
     for j in range(x.shape[1]):
         h.mul_(_MIX).add_(_column_key(x, j, radius))
         h.bitwise_xor_(h >> 29)
     return h
 
 
-def _same_rows(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, radius: float) -> bool:
+def _same_rows(
+    x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, radius: float, tags: torch.Tensor | None
+) -> bool:
     """Whether rows ``a`` and ``b`` of ``x`` are to be merged, pairwise, for all pairs."""
+    if tags is not None and not torch.equal(tags[a], tags[b]):
+        return False
     xa, xb = x[a], x[b]
     if radius > 0:
         return torch.equal(torch.floor(xa / radius), torch.floor(xb / radius))
     return bool((xa == xb).all())  # == treats -0.0 and 0.0 as equal, like the key
 
 
-def _group(x: torch.Tensor, radius: float) -> tuple[torch.Tensor, int]:
+def _group(x: torch.Tensor, radius: float, tags: torch.Tensor | None) -> tuple[torch.Tensor, int]:
     """Group index of every row, equal rows (or cells) sharing one; and the number of groups."""
     inverse: torch.Tensor
-    _, inverse = torch.unique(_hash_rows(x, radius), return_inverse=True)
+    _, inverse = torch.unique(_hash_rows(x, radius, tags), return_inverse=True)
     m = int(inverse.max()) + 1
     if m == x.shape[0]:
         return inverse, m  # all hashes distinct, so all rows distinct: nothing to verify
@@ -76,15 +82,20 @@ def _group(x: torch.Tensor, radius: float) -> tuple[torch.Tensor, int]:
     first.scatter_reduce_(0, inverse, torch.arange(x.shape[0]), reduce="amin")
     for s in range(0, x.shape[0], _CHUNK):
         rows = torch.arange(s, min(s + _CHUNK, x.shape[0]))
-        if not _same_rows(x, rows, first[inverse[rows]], radius):
+        if not _same_rows(x, rows, first[inverse[rows]], radius, tags):
             keys = torch.stack([_column_key(x, j, radius) for j in range(x.shape[1])], 1)
+            if tags is not None:
+                keys = torch.cat([tags[:, None], keys], dim=1)
             _, inverse = torch.unique(keys, dim=0, return_inverse=True)  # hash collision
             return inverse, int(inverse.max()) + 1
     return inverse, m
 
 
 def consolidate(
-    x: torch.Tensor, weights: torch.Tensor | None = None, radius: float = 0.0
+    x: torch.Tensor,
+    weights: torch.Tensor | None = None,
+    radius: float = 0.0,
+    tags: torch.Tensor | None = None,
 ) -> Consolidated:
     """Merge duplicate points (or points sharing a grid cell) into weighted points.
 
@@ -94,13 +105,16 @@ def consolidate(
         radius: 0 merges exact duplicates only; ``> 0`` merges each cell of a grid of that
             pitch into its weighted mean (lossy: every point moves by less than ``radius``
             per coordinate).
+        tags: ``(n,)`` int64 labels; points with different tags are never merged (the
+            metric groups of activation-aware clustering: equal weights in blocks of other
+            input features have other errors).
 
     Returns:
         The distinct points, their summed weights and the map back to the inputs. Distinct
         points are ordered by first occurrence, so the result does not depend on the hash.
     """
     n, d = x.shape
-    inverse, m = _group(x, radius)
+    inverse, m = _group(x, radius, tags)
     w = torch.ones(n, dtype=torch.float32) if weights is None else weights
     if m == n and radius == 0:  # nothing to merge
         return Consolidated(x, w, torch.arange(n))

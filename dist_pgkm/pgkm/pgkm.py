@@ -7,8 +7,15 @@ from functools import partial
 
 import torch
 
-from dist_pgkm.kmeans.assign import make_assigner
-from dist_pgkm.kmeans.lloyd import finish, lloyd, update_centroids
+from dist_pgkm.kmeans.assign import Assigner, make_assigner
+from dist_pgkm.kmeans.lloyd import UpdateFn, finish, lloyd, update_centroids
+from dist_pgkm.kmeans.metric import (
+    BlockMetric,
+    MetricAssigner,
+    apply_metric,
+    metric_distances,
+    metric_update,
+)
 from dist_pgkm.kmeans.types import ClusterInput, KMeansResult
 from dist_pgkm.pgkm.consolidate import consolidate as consolidate_points
 from dist_pgkm.pgkm.moves import merge_cheapest_pairs
@@ -48,19 +55,35 @@ def pg_kmeans(
         moves: Fraction of the codebook re-partitioned by merge/split moves in each iteration
             but the last three (0 disables them; see :mod:`dist_pgkm.pgkm.moves`).
 
+    With a per-group metric (``inp.metric``, activation-aware clustering) the same components
+    run under it: duplicates merge only within a group, the pre-assignment and the repair
+    bisect the whitened points ``x_i L_g`` (where the metric is Euclidean), the search and the
+    M-step are those of :mod:`dist_pgkm.kmeans.metric`. The merge/split moves rank pairs by
+    their Euclidean Ward cost, an approximation under the metric (the repair that follows
+    bisects by the metric's SSE).
+
     Returns:
         The result. When there are no more distinct points than ``k``, every distinct point is
         its own centroid (SSE 0 for ``radius == 0``) and the surplus codewords stay unused.
     """
     gen = inp.generator()
     x, w, k = inp.x32, inp.weights, inp.k
+    metric = inp.metric
     points, pw, inverse = x, w, None
     if consolidate:
-        cons = consolidate_points(x, w, radius)
+        tags = None if metric is None else metric.groups
+        cons = consolidate_points(x, w, radius, tags)
         if cons.n_distinct < x.shape[0] or radius > 0 or w is not None:
             points, pw, inverse = cons.points, cons.weights, cons.inverse
+    point_metric = None
+    if metric is not None:
+        points, pw, inverse, point_metric = _sort_by_group(points, pw, inverse, metric)
     m, d = points.shape
-    assigner = make_assigner(points, inp.backend)
+    assigner: Assigner
+    if point_metric is None:
+        assigner = make_assigner(points, inp.backend)
+    else:
+        assigner = MetricAssigner(points, point_metric, inp.backend)
     stats = inp.new_stats("pgkm", assigner.name)
     stats.n_distinct = m
     if consolidate and m <= k:
@@ -69,10 +92,23 @@ def pg_kmeans(
         stats.init_seconds = time.perf_counter() - inp.t0
         return finish(x, w, centroids, codes, stats, inp.t0)
     weights = torch.ones(m) if pw is None else pw
+    # Where the metric is Euclidean: the points themselves, or whitened per group.
+    space = points if not isinstance(assigner, MetricAssigner) else assigner.whitened
+    update: UpdateFn | None = None
+    if point_metric is not None:
+        mx = apply_metric(points, point_metric.groups, point_metric.matrices)  # once per run
+
+        def update(codes: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+            assert point_metric is not None
+            return metric_update(points, pw, codes, centroids, point_metric, mx)
+
     if preassign:
         sample = init_sample_per_centroid * k
-        labels, _ = partition(points, weights, k, split_by, cut, sample, gen)
-        init = update_centroids(points, pw, labels, torch.zeros(k, d))
+        labels, _ = partition(space, weights, k, split_by, cut, sample, gen)
+        start = torch.zeros(k, d)
+        init = (
+            update_centroids(points, pw, labels, start) if update is None else update(labels, start)
+        )
     else:
         init = points[torch.randperm(m, generator=gen)[:k]].clone()
     stats.init_seconds = time.perf_counter() - inp.t0
@@ -81,8 +117,38 @@ def pg_kmeans(
     if repair and moves > 0:
         move = partial(merge_cheapest_pairs, fraction=moves, backend=inp.backend)
     centroids, codes = lloyd(
-        points, pw, init, assigner, inp.n_iter, stats, gen, fix, inp.t0, moves=move
+        space, pw, init, assigner, inp.n_iter, stats, gen, fix, inp.t0, moves=move, update=update
     )
     if inverse is not None:
         codes = codes[inverse]
-    return finish(x, w, centroids, codes, stats, inp.t0)
+    result = finish(x, w, centroids, codes, stats, inp.t0)
+    if metric is not None:
+        dist = metric_distances(x, metric.groups, metric.matrices, centroids[codes])
+        result.stats.metric_sse = float(
+            dist.sum(dtype=torch.float64) if w is None else (dist.double() * w.double()).sum()
+        )
+    return result
+
+
+def _sort_by_group(
+    points: torch.Tensor,
+    weights: torch.Tensor | None,
+    inverse: torch.Tensor | None,
+    metric: BlockMetric,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, BlockMetric]:
+    """The (consolidated) points sorted by metric group, for one search per group.
+
+    Returns the sorted points and weights, the map from every input point to its sorted
+    point, and the sorted points' metric.
+    """
+    m = points.shape[0]
+    if inverse is None:
+        groups = metric.groups
+        inverse = torch.arange(m)
+    else:  # merged points share their group (consolidation never merges across groups)
+        groups = torch.zeros(m, dtype=torch.int64).scatter_(0, inverse, metric.groups)
+    order = torch.argsort(groups, stable=True)
+    rank = torch.empty(m, dtype=torch.int64)
+    rank[order] = torch.arange(m)
+    sorted_weights = None if weights is None else weights[order]
+    return points[order], sorted_weights, rank[inverse], BlockMetric(metric.matrices, groups[order])

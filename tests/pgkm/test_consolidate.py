@@ -37,11 +37,24 @@ def test_order_is_first_occurrence_and_signed_zero_folds() -> None:
 def test_hash_collisions_fall_back_to_exact_grouping(monkeypatch: pytest.MonkeyPatch) -> None:
     x = with_duplicates(torch.randn(2000, 4), 0.5, 0)
     monkeypatch.setattr(
-        consolidate_mod, "_hash_rows", lambda x, radius: torch.zeros(x.shape[0]).long()
+        consolidate_mod, "_hash_rows", lambda x, radius, tags: torch.zeros(x.shape[0]).long()
     )
     c = consolidate(x)
     assert c.n_distinct == torch.unique(x, dim=0).shape[0]
     assert torch.equal(c.points[c.inverse], x)
+    tags = torch.arange(x.shape[0]) % 3  # duplicates with other tags stay apart
+    t = consolidate(x, tags=tags)
+    assert t.n_distinct == torch.unique(torch.cat([tags[:, None], x], 1), dim=0).shape[0]
+    assert torch.equal(t.points[t.inverse], x)
+
+
+def test_tags_keep_equal_points_apart() -> None:
+    x = torch.zeros(12, 4)  # one zero block, in 3 groups
+    tags = torch.arange(12) % 3
+    c = consolidate(x, tags=tags)
+    assert c.n_distinct == 3
+    assert torch.equal(tags[c.inverse[:3]], torch.arange(3))
+    assert torch.equal(c.weights, torch.full((3,), 4.0))
 
 
 def test_radius_merges_cells_and_moves_points_less_than_radius() -> None:

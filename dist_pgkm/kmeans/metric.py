@@ -1,0 +1,228 @@
+"""k-means under a per-block quadratic metric: the activation-aware error of product quantization.
+
+A point ``x_i`` (a sub-vector of a weight) belongs to a *group* ``g_i`` (the input features
+its block covers), and its error against a centroid ``c`` is ``(x_i - c)^T M_g (x_i - c)``
+with ``M_g`` symmetric positive definite: for a Linear layer, the diagonal block of its input
+second moment ``X^T X`` for those features, so the error is that of the layer's outputs on the
+calibration inputs. One codebook is shared by every group.
+
+With ``M_g = L_g L_g^T`` (Cholesky), the error is ``|y_i - c L_g|^2`` with the *whitened* point
+``y_i = x_i L_g``: the nearest-centroid search of group ``g`` is a plain Euclidean search of its
+whitened points against the codebook mapped by ``L_g``, so every search backend serves
+(:class:`MetricAssigner`). The centroid minimising a cluster's error is
+``(sum_i w_i M_gi)^-1 sum_i w_i M_gi x_i`` (:func:`metric_update`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from dist_pgkm.errors import InvalidInputError
+from dist_pgkm.kmeans.assign import Assigner, make_assigner
+from dist_pgkm.kmeans.metrics import segment_sum
+
+__all__ = [
+    "BlockMetric",
+    "MetricAssigner",
+    "apply_metric",
+    "check_metric",
+    "metric_distances",
+    "metric_update",
+    "whiten",
+]
+
+_CHUNK = 1 << 18  # points per chunk of (chunk, d, d) gathers
+
+
+@dataclass(frozen=True)
+class BlockMetric:
+    """A quadratic metric per group of points.
+
+    Attributes:
+        matrices: ``(G, d, d)`` float32 symmetric positive definite matrices.
+        groups: ``(n,)`` int64 group of every point, in ``[0, G)``.
+    """
+
+    matrices: torch.Tensor
+    groups: torch.Tensor
+
+    @property
+    def n_groups(self) -> int:
+        return int(self.matrices.shape[0])
+
+    def shared(self) -> bool:
+        """Whether every point uses the same matrix (then whitening once is exact)."""
+        m = self.matrices
+        g = self.groups
+        return bool((m == m[:1]).all()) or g.numel() == 0 or bool((g == g[0]).all())
+
+    def shared_matrix(self) -> torch.Tensor:
+        """The matrix all points use (:meth:`shared` must hold)."""
+        first = int(self.groups[0]) if self.groups.numel() else 0
+        matrix: torch.Tensor = self.matrices[first]
+        return matrix
+
+    def is_identity(self) -> bool:
+        """Whether this is the plain Euclidean metric for every point."""
+        d = self.matrices.shape[1]
+        eye = torch.eye(d, dtype=self.matrices.dtype)
+        return self.shared() and torch.equal(self.shared_matrix(), eye)
+
+    def factors(self) -> torch.Tensor:
+        """``(G, d, d)`` lower-triangular ``L_g`` with ``M_g = L_g L_g^T`` (float32)."""
+        factors: torch.Tensor = torch.linalg.cholesky(self.matrices.double())
+        return factors.float()
+
+    def subset(self, index: torch.Tensor) -> BlockMetric:
+        """The metric of the points ``index`` selects."""
+        return BlockMetric(self.matrices, self.groups[index])
+
+
+def check_metric(metric: BlockMetric, n: int, d: int) -> BlockMetric:
+    """Validate a metric for ``n`` points of dimension ``d``.
+
+    Raises:
+        InvalidInputError: Wrong shapes, groups out of range, non-finite or non-symmetric
+            matrices, or a matrix that is not positive definite.
+    """
+    m, g = metric.matrices, metric.groups
+    if m.dim() != 3 or m.shape[1:] != (d, d):
+        raise InvalidInputError(
+            f"metric matrices have shape {tuple(m.shape)}, expected (G, {d}, {d}) for points "
+            f"of dimension {d}."
+        )
+    if g.dim() != 1 or g.numel() != n or g.dtype not in (torch.int32, torch.int64):
+        raise InvalidInputError(
+            f"metric groups must be an integer tensor of shape ({n},), one per point; got "
+            f"{g.dtype} {tuple(g.shape)}."
+        )
+    if n and (int(g.min()) < 0 or int(g.max()) >= m.shape[0]):
+        raise InvalidInputError(
+            f"metric groups range over [{int(g.min())}, {int(g.max())}] but there are "
+            f"{m.shape[0]} matrices."
+        )
+    m32 = m.to(torch.float32)
+    if not bool(torch.isfinite(m32).all()):
+        raise InvalidInputError("metric matrices hold NaN or infinity; damp or drop them.")
+    if not torch.allclose(m32, m32.transpose(1, 2), rtol=1e-5, atol=1e-6):
+        raise InvalidInputError("metric matrices must be symmetric.")
+    _, info = torch.linalg.cholesky_ex(m32.double())
+    bad = (info != 0).nonzero().flatten()
+    if bad.numel():
+        raise InvalidInputError(
+            f"metric matrix {int(bad[0])} (and {bad.numel() - 1} more) is not positive definite; "
+            "add damping (a multiple of the identity) to every matrix."
+        )
+    return BlockMetric(m32.contiguous(), g.to(torch.int64))
+
+
+def whiten(x: torch.Tensor, groups: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """``(n, d)`` whitened points ``y_i = x_i L_gi`` (float32), chunked."""
+    y = torch.empty_like(x, dtype=torch.float32)
+    for s in range(0, x.shape[0], _CHUNK):
+        e = s + _CHUNK
+        # (chunk, 1, d) @ (chunk, d, d) -> (chunk, 1, d)
+        y[s:e] = torch.bmm(x[s:e, None, :].to(torch.float32), factors[groups[s:e]]).squeeze(1)
+    return y
+
+
+def apply_metric(x: torch.Tensor, groups: torch.Tensor, matrices: torch.Tensor) -> torch.Tensor:
+    """``(n, d)`` rows ``M_gi x_i`` (the matrices are symmetric), chunked."""
+    return whiten(x, groups, matrices)  # x_i M_g as a row is (M_g x_i)^T for symmetric M_g
+
+
+def metric_distances(
+    x: torch.Tensor, groups: torch.Tensor, matrices: torch.Tensor, c: torch.Tensor
+) -> torch.Tensor:
+    """``(n,)`` float32 ``(x_i - c_i)^T M_gi (x_i - c_i)`` for paired rows of ``x`` and ``c``."""
+    diff = x.to(torch.float32) - c.to(torch.float32)
+    return (apply_metric(diff, groups, matrices) * diff).sum(dim=1).clamp_(min=0.0)
+
+
+def metric_update(
+    x: torch.Tensor,
+    weights: torch.Tensor | None,
+    codes: torch.Tensor,
+    centroids: torch.Tensor,
+    metric: BlockMetric,
+    mx: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """M-step under the metric: ``c_j = (sum w_i M_gi)^-1 sum w_i M_gi x_i`` over members ``i``.
+
+    Args:
+        x: ``(n, d)`` points.
+        weights: ``(n,)`` weights or None.
+        codes: ``(n,)`` cluster of every point.
+        centroids: ``(k, d)`` current centroids; empty clusters keep theirs.
+        metric: The points' metric.
+        mx: ``(n, d)`` rows ``M_gi x_i``, cached by a caller that updates many times.
+
+    Returns:
+        A new ``(k, d)`` float32 tensor.
+    """
+    k, d = centroids.shape
+    if mx is None:
+        mx = apply_metric(x, metric.groups, metric.matrices)
+    rhs = segment_sum(codes, mx, k, weights).double()  # (k, d)
+    flat = metric.matrices.reshape(-1, d * d)  # (G, d * d)
+    lhs = torch.zeros(k, d * d, dtype=torch.float64)
+    for s in range(0, x.shape[0], _CHUNK):
+        e = s + _CHUNK
+        rows = flat[metric.groups[s:e]].double()  # (chunk, d * d)
+        if weights is not None:
+            rows = rows * weights[s:e, None].double()
+        lhs.index_add_(0, codes[s:e], rows)
+    out = centroids.to(torch.float32).clone()
+    filled = (lhs[:, 0] > 0).nonzero().flatten()  # M_g is positive definite: m_00 > 0
+    if filled.numel():
+        a = lhs[filled].reshape(-1, d, d)
+        out[filled] = torch.linalg.solve(a, rhs[filled].unsqueeze(2)).squeeze(2).float()
+    return out
+
+
+class MetricAssigner(Assigner):
+    """Nearest centroid under a per-group metric, one Euclidean search per group.
+
+    Points must be sorted by group. The search of group ``g`` compares its whitened points
+    ``x_i L_g`` with the codebook mapped by ``L_g``, through the backend ``make_assigner``
+    picks for it.
+
+    Args:
+        x: ``(n, d)`` float32 points, sorted by group.
+        metric: Their metric (``metric.groups`` non-decreasing).
+        backend: Search backend of every group.
+    """
+
+    name = "metric"
+
+    def __init__(self, x: torch.Tensor, metric: BlockMetric, backend: str = "auto") -> None:
+        super().__init__(x)
+        groups = metric.groups
+        assert groups.numel() < 2 or bool((groups[1:] >= groups[:-1]).all())
+        self.metric = metric
+        self.factors = metric.factors()  # (G, d, d)
+        self.whitened = whiten(x, groups, self.factors)
+        counts = torch.bincount(groups, minlength=metric.n_groups)
+        ends = counts.cumsum(0)
+        self._spans = [
+            (g, int(ends[g] - counts[g]), int(ends[g])) for g in counts.nonzero().flatten().tolist()
+        ]
+        self._searches = [make_assigner(self.whitened[s:e], backend) for _, s, e in self._spans]
+        self.name = f"metric/{self._searches[0].name}" if self._searches else "metric"
+
+    def assign(self, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n = self.x.shape[0]
+        codes = torch.empty(n, dtype=torch.int64)
+        dist = torch.empty(n, dtype=torch.float32)
+        c = centroids.to(torch.float32)
+        for (g, s, e), search in zip(self._spans, self._searches, strict=True):
+            codes[s:e], dist[s:e] = search.assign(c @ self.factors[g])  # (k, d) mapped by L_g
+        return codes, dist
+
+    def distances(
+        self, index: torch.Tensor, centroids: torch.Tensor, codes: torch.Tensor
+    ) -> torch.Tensor:
+        c = centroids[codes[index]]
+        return metric_distances(self.x[index], self.metric.groups[index], self.metric.matrices, c)
