@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from dist_pgkm.errors import InvalidInputError
-from dist_pgkm.kmeans.assign import Assigner, make_assigner
+from dist_pgkm.kmeans.assign import Assigner
 from dist_pgkm.kmeans.metrics import segment_sum
 
 __all__ = [
@@ -64,11 +64,14 @@ class BlockMetric:
         matrix: torch.Tensor = self.matrices[first]
         return matrix
 
-    def is_identity(self) -> bool:
-        """Whether this is the plain Euclidean metric for every point."""
-        d = self.matrices.shape[1]
-        eye = torch.eye(d, dtype=self.matrices.dtype)
-        return self.shared() and torch.equal(self.shared_matrix(), eye)
+    def is_euclidean(self) -> bool:
+        """Whether every point uses the same multiple of the identity: the plain problem
+        (a common positive factor scales every error alike and changes no argmin or mean)."""
+        if not self.shared():
+            return False
+        m = self.shared_matrix()
+        d = m.shape[0]
+        return bool(m[0, 0] > 0) and torch.equal(m, m[0, 0] * torch.eye(d, dtype=m.dtype))
 
     def factors(self) -> torch.Tensor:
         """``(G, d, d)`` lower-triangular ``L_g`` with ``M_g = L_g L_g^T`` (float32)."""
@@ -166,14 +169,21 @@ def metric_update(
     if mx is None:
         mx = apply_metric(x, metric.groups, metric.matrices)
     rhs = segment_sum(codes, mx, k, weights).double()  # (k, d)
-    flat = metric.matrices.reshape(-1, d * d)  # (G, d * d)
-    lhs = torch.zeros(k, d * d, dtype=torch.float64)
-    for s in range(0, x.shape[0], _CHUNK):
-        e = s + _CHUNK
-        rows = flat[metric.groups[s:e]].double()  # (chunk, d * d)
-        if weights is not None:
-            rows = rows * weights[s:e, None].double()
-        lhs.index_add_(0, codes[s:e], rows)
+    flat = metric.matrices.reshape(-1, d * d).double()  # (G, d * d)
+    n_groups = flat.shape[0]
+    if k * n_groups <= _CHUNK * 16:
+        # Weight of every (cluster, group) pair, then one product: (k, G) @ (G, d * d).
+        pair = codes * n_groups + metric.groups
+        mass = torch.bincount(pair, weights=weights, minlength=k * n_groups).double()
+        lhs = mass.reshape(k, n_groups) @ flat  # (k, d * d)
+    else:  # (k, G) would be large (huge codebooks and many groups): sum member matrices
+        lhs = torch.zeros(k, d * d, dtype=torch.float64)
+        for s in range(0, x.shape[0], _CHUNK):
+            e = s + _CHUNK
+            rows = flat[metric.groups[s:e]]  # (chunk, d * d)
+            if weights is not None:
+                rows = rows * weights[s:e, None].double()
+            lhs.index_add_(0, codes[s:e], rows)
     out = centroids.to(torch.float32).clone()
     filled = (lhs[:, 0] > 0).nonzero().flatten()  # M_g is positive definite: m_00 > 0
     if filled.numel():
@@ -183,42 +193,60 @@ def metric_update(
 
 
 class MetricAssigner(Assigner):
-    """Nearest centroid under a per-group metric, one Euclidean search per group.
+    """Nearest centroid under a per-group metric: the groups' searches batched in ``bmm``.
 
-    Points must be sorted by group. The search of group ``g`` compares its whitened points
-    ``x_i L_g`` with the codebook mapped by ``L_g``, through the backend ``make_assigner``
-    picks for it.
+    The search of group ``g`` compares its whitened points ``x_i L_g`` with the codebook mapped
+    by ``L_g``: ``|y|^2 - 2 y.c + |c|^2`` as in :class:`~dist_pgkm.kmeans.assign.TorchAssigner`,
+    for many groups per ``baddbmm`` (thousands of small per-group searches through faiss cost
+    more in call overhead than in arithmetic). The points of a group are laid out in one row of
+    a ``(G, n_max, d)`` tensor (padded where consolidation left groups of unequal size), and
+    memory is bounded: a ``(groups, n_max, k)`` distance block never exceeds ``block_bytes``.
+    CPU or CUDA, as the points are.
 
     Args:
         x: ``(n, d)`` float32 points, sorted by group.
         metric: Their metric (``metric.groups`` non-decreasing).
-        backend: Search backend of every group.
+        block_bytes: Bound of one distance block.
     """
 
-    name = "metric"
+    name = "metric/torch"
 
-    def __init__(self, x: torch.Tensor, metric: BlockMetric, backend: str = "auto") -> None:
+    def __init__(self, x: torch.Tensor, metric: BlockMetric, block_bytes: int = 8 << 20) -> None:
         super().__init__(x)
         groups = metric.groups
         assert groups.numel() < 2 or bool((groups[1:] >= groups[:-1]).all())
         self.metric = metric
-        self.factors = metric.factors()  # (G, d, d)
-        self.whitened = whiten(x, groups, self.factors)
-        counts = torch.bincount(groups, minlength=metric.n_groups)
-        ends = counts.cumsum(0)
-        self._spans = [
-            (g, int(ends[g] - counts[g]), int(ends[g])) for g in counts.nonzero().flatten().tolist()
-        ]
-        self._searches = [make_assigner(self.whitened[s:e], backend) for _, s, e in self._spans]
-        self.name = f"metric/{self._searches[0].name}" if self._searches else "metric"
+        self.factors = metric.factors().to(x.device)  # (G, d, d)
+        self.whitened = whiten(x, groups, self.factors)  # (n, d)
+        counts = torch.bincount(groups, minlength=metric.n_groups)  # (G,)
+        starts = counts.cumsum(0) - counts
+        self._pos = torch.arange(x.shape[0], device=x.device) - starts[groups]  # within group
+        n_max = int(counts.max()) if counts.numel() else 0
+        d = x.shape[1]
+        self._padded = torch.zeros(metric.n_groups, n_max, d, device=x.device)  # (G, n_max, d)
+        self._padded[groups, self._pos] = self.whitened
+        self._block_bytes = block_bytes
 
     def assign(self, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        n = self.x.shape[0]
-        codes = torch.empty(n, dtype=torch.int64)
-        dist = torch.empty(n, dtype=torch.float32)
-        c = centroids.to(torch.float32)
-        for (g, s, e), search in zip(self._spans, self._searches, strict=True):
-            codes[s:e], dist[s:e] = search.assign(c @ self.factors[g])  # (k, d) mapped by L_g
+        c = centroids.to(device=self.x.device, dtype=torch.float32)
+        mapped = torch.einsum("kd,gde->gke", c, self.factors)  # (G, k, d): c L_g
+        c_sq = (mapped * mapped).sum(dim=2)  # (G, k)
+        n_groups, n_max, _ = self._padded.shape
+        k = c.shape[0]
+        step = max(1, self._block_bytes // max(1, 4 * n_max * k))
+        best = torch.empty(n_groups, n_max, dtype=torch.float32, device=c.device)
+        arg = torch.empty(n_groups, n_max, dtype=torch.int64, device=c.device)
+        for s in range(0, n_groups, step):
+            e = min(n_groups, s + step)
+            # (groups, n_max, k) = |c|^2 - 2 y.c ; |y|^2 is added after the min.
+            block = torch.baddbmm(
+                c_sq[s:e, None, :], self._padded[s:e], mapped[s:e].transpose(1, 2), alpha=-2.0
+            )
+            torch.min(block, dim=2, out=(best[s:e], arg[s:e]))
+        groups = self.metric.groups
+        codes = arg[groups, self._pos]
+        y = self.whitened
+        dist = (best[groups, self._pos] + (y * y).sum(dim=1)).clamp_(min=0.0)
         return codes, dist
 
     def distances(

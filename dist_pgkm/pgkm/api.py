@@ -80,9 +80,9 @@ def cluster(
         compact_tol: Codewords closer than this (grid pitch) are duplicates; 0 means equal.
         metric: A per-group quadratic metric (activation-aware clustering, see
             :mod:`dist_pgkm.kmeans.metric`): point ``i``'s error is ``(x_i - c)^T M_gi (x_i -
-            c)``. The identity is the plain problem (the same bytes); one matrix shared by all
-            points is solved by any method on the whitened points; a metric that differs by
-            group needs ``pgkm``.
+            c)``. A multiple of the identity for every point is the plain problem (the same
+            bytes); one matrix shared by all points is solved by any method on the whitened
+            points; a metric that differs by group needs ``pgkm``.
         **options: Method options, see :mod:`dist_pgkm.config.kmeans` (e.g. ``consolidate``,
             ``split_by`` for pgkm; ``eps``, ``max_tentatives`` for fairseq-em).
 
@@ -115,7 +115,7 @@ def cluster(
     x32 = points if points.dtype == torch.float32 else points.to(torch.float32)
     if metric is not None:
         metric = check_metric(metric, points.shape[0], points.shape[1])
-        if metric.is_identity():
+        if metric.is_euclidean():
             metric = None  # the plain problem, bit for bit
         elif metric.shared():
             result = _whitened(spec, opts, points, x32, w, k, n_iter, seed, backend, t0, metric)

@@ -83,7 +83,7 @@ def pg_kmeans(
     if point_metric is None:
         assigner = make_assigner(points, inp.backend)
     else:
-        assigner = MetricAssigner(points, point_metric, inp.backend)
+        assigner = MetricAssigner(points, point_metric)
     stats = inp.new_stats("pgkm", assigner.name)
     stats.n_distinct = m
     if consolidate and m <= k:

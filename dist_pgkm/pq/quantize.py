@@ -214,7 +214,7 @@ def quantize_weight(
     opts = options or LayerQuantOptions()
     shape = tuple(weight.shape)
     x = to_subvectors(weight.detach(), block_size, name)  # (out * width / bs, bs)
-    w = x.reshape(shape[0], -1).to(torch.float32)  # (out, width)
+    w = w_orig = x.reshape(shape[0], -1).to(torch.float32)  # (out, width)
     out, width = w.shape
     # ||W||^2 in float64, a million blocks at a time (a float64 copy of a whole embedding of a
     # large model would not fit).
@@ -230,7 +230,9 @@ def quantize_weight(
 
     outlier_idx = outlier_val = None
     if opts.outliers > 0:
-        input_weight = None if metric is None else hessian_diagonal(hessian)  # type: ignore[arg-type]
+        input_weight = None
+        if metric is not None and hessian is not None:
+            input_weight = hessian_diagonal(hessian)
         outlier_idx, outlier_val = select_outliers(w, opts.outliers, input_weight)
         w = w.clone()
         w.view(-1)[outlier_idx] = 0.0  # clustered as zeros; the decode overwrites them
@@ -288,11 +290,26 @@ def quantize_weight(
         outlier_val=outlier_val,
         metric=metric_name,
     )
-    error = (q.dense().reshape(out, width) - x.reshape(out, width).to(torch.float32)).double()
-    stats.sse = float(error.square().sum())
-    if metric is not None:
-        stats.metric_sse = metric_error(error, metric, block_size)
+    if not opts.plain:  # the clustering's SSE is of the scaled points, before the refit
+        stats.sse, stats.metric_sse = _errors(q, w_orig, metric)
     return q
+
+
+def _errors(
+    q: QuantizedWeight, w: torch.Tensor, metric: torch.Tensor | None
+) -> tuple[float, float | None]:
+    """Squared error of ``q``'s decode against ``w`` (``(out, width)``), plain and under the
+    per-block metric, in float64 and a few rows at a time."""
+    out, width = w.shape
+    dense = q.dense().reshape(out, width)
+    rows = max(1, (1 << 20) // width)
+    sse, msse = 0.0, 0.0
+    for s in range(0, out, rows):
+        e = (dense[s : s + rows] - w[s : s + rows]).double()  # (rows, width)
+        sse += float(e.square().sum())
+        if metric is not None:
+            msse += metric_error(e, metric, q.block_size)
+    return sse, (msse if metric is not None else None)
 
 
 def hessian_diagonal(hessian: torch.Tensor) -> torch.Tensor:
