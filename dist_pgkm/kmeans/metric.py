@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from dist_pgkm.errors import InvalidInputError
-from dist_pgkm.kmeans.assign import Assigner
+from dist_pgkm.kmeans.assign import Assigner, TorchAssigner
 from dist_pgkm.kmeans.metrics import segment_sum
 
 __all__ = [
@@ -193,60 +193,46 @@ def metric_update(
 
 
 class MetricAssigner(Assigner):
-    """Nearest centroid under a per-group metric: the groups' searches batched in ``bmm``.
+    """Nearest centroid under a per-group metric: one Euclidean search per group.
 
     The search of group ``g`` compares its whitened points ``x_i L_g`` with the codebook mapped
-    by ``L_g``: ``|y|^2 - 2 y.c + |c|^2`` as in :class:`~dist_pgkm.kmeans.assign.TorchAssigner`,
-    for many groups per ``baddbmm`` (thousands of small per-group searches through faiss cost
-    more in call overhead than in arithmetic). The points of a group are laid out in one row of
-    a ``(G, n_max, d)`` tensor (padded where consolidation left groups of unequal size), and
-    memory is bounded: a ``(groups, n_max, k)`` distance block never exceeds ``block_bytes``.
-    CPU or CUDA, as the points are.
+    by ``L_g``, through a :class:`~dist_pgkm.kmeans.assign.TorchAssigner` bound to that group's
+    points (``addmm`` + ``min`` in cache-sized blocks; CPU or CUDA, as the points are).
+    Measured on one thread for SmolLM2-shaped layers (k = 256): per-group torch searches took
+    374 / 70 / 170 ms per pass at (1536 points x 288 groups, d 2) / (576 x 144, d 4) /
+    (576 x 192, d 8), against 879 / 220 / 234 ms for a faiss search per group (call overhead)
+    and 583 / 99 / 128 ms for all groups batched in ``baddbmm`` (a 3-D ``min`` is slow).
 
     Args:
         x: ``(n, d)`` float32 points, sorted by group.
         metric: Their metric (``metric.groups`` non-decreasing).
-        block_bytes: Bound of one distance block.
     """
 
     name = "metric/torch"
 
-    def __init__(self, x: torch.Tensor, metric: BlockMetric, block_bytes: int = 8 << 20) -> None:
+    def __init__(self, x: torch.Tensor, metric: BlockMetric) -> None:
         super().__init__(x)
         groups = metric.groups
         assert groups.numel() < 2 or bool((groups[1:] >= groups[:-1]).all())
         self.metric = metric
         self.factors = metric.factors().to(x.device)  # (G, d, d)
         self.whitened = whiten(x, groups, self.factors)  # (n, d)
-        counts = torch.bincount(groups, minlength=metric.n_groups)  # (G,)
-        starts = counts.cumsum(0) - counts
-        self._pos = torch.arange(x.shape[0], device=x.device) - starts[groups]  # within group
-        n_max = int(counts.max()) if counts.numel() else 0
-        d = x.shape[1]
-        self._padded = torch.zeros(metric.n_groups, n_max, d, device=x.device)  # (G, n_max, d)
-        self._padded[groups, self._pos] = self.whitened
-        self._block_bytes = block_bytes
+        counts = torch.bincount(groups, minlength=metric.n_groups)
+        ends = counts.cumsum(0)
+        self._spans = [
+            (g, int(ends[g] - counts[g]), int(ends[g]))
+            for g in counts.nonzero().flatten().tolist()
+        ]
+        self._searches = [TorchAssigner(self.whitened[s:e]) for _, s, e in self._spans]
 
     def assign(self, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n = self.x.shape[0]
+        codes = torch.empty(n, dtype=torch.int64, device=self.x.device)
+        dist = torch.empty(n, dtype=torch.float32, device=self.x.device)
         c = centroids.to(device=self.x.device, dtype=torch.float32)
         mapped = torch.einsum("kd,gde->gke", c, self.factors)  # (G, k, d): c L_g
-        c_sq = (mapped * mapped).sum(dim=2)  # (G, k)
-        n_groups, n_max, _ = self._padded.shape
-        k = c.shape[0]
-        step = max(1, self._block_bytes // max(1, 4 * n_max * k))
-        best = torch.empty(n_groups, n_max, dtype=torch.float32, device=c.device)
-        arg = torch.empty(n_groups, n_max, dtype=torch.int64, device=c.device)
-        for s in range(0, n_groups, step):
-            e = min(n_groups, s + step)
-            # (groups, n_max, k) = |c|^2 - 2 y.c ; |y|^2 is added after the min.
-            block = torch.baddbmm(
-                c_sq[s:e, None, :], self._padded[s:e], mapped[s:e].transpose(1, 2), alpha=-2.0
-            )
-            torch.min(block, dim=2, out=(best[s:e], arg[s:e]))
-        groups = self.metric.groups
-        codes = arg[groups, self._pos]
-        y = self.whitened
-        dist = (best[groups, self._pos] + (y * y).sum(dim=1)).clamp_(min=0.0)
+        for (g, s, e), search in zip(self._spans, self._searches, strict=True):
+            codes[s:e], dist[s:e] = search.assign(mapped[g])
         return codes, dist
 
     def distances(
