@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,7 @@ from dist_pgkm.distributed.progress import ProgressSnapshot
 from dist_pgkm.errors import CheckpointError, ConfigError, InvalidInputError
 from dist_pgkm.eval.text import calibration_windows, load_text
 from dist_pgkm.models.offline import minilm_dir
+from dist_pgkm.utils.optional import set_threads
 
 from .conftest import checkpoint_bytes
 
@@ -46,6 +48,16 @@ CONFIG = {
         {"match": PLAIN, "block_size": 8, "k": 16},
     ],
 }
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    """One thread for torch and faiss: activation-aware k-means makes many small calls per
+    group, which threads on a busy 2-core machine slow down tenfold (0.3 s -> 5 s a layer)."""
+    before = torch.get_num_threads()
+    set_threads(1)
+    yield
+    set_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -134,6 +146,7 @@ import os, signal, sys, torch
 from dist_pgkm.config import load_config
 from dist_pgkm.distributed.coordinator import quantize_model
 from dist_pgkm.models.offline import minilm_dir
+from dist_pgkm.utils.optional import set_threads
 
 def progress(snap):
     if snap.calibration is not None and snap.calibration.blocks_done == 2:
@@ -157,9 +170,10 @@ def test_kill_9_during_calibration_then_same_call_gives_the_same_bytes(
     config_path.write_text(json.dumps(CONFIG))
     torch.save(windows, tmp_path / "windows.pt")  # test-only handover to the child
     out = tmp_path / "run"
-    # The child runs with this process's threads: float32 sums in the forward pass depend on
-    # how a matrix product is split between threads, so H's last bits do too.
-    env = dict(os.environ)
+    # The child runs on one thread as this process does (_one_thread): float32 sums in the
+    # forward pass depend on how a matrix product is split between threads, so H's last
+    # bits do too.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     args = [str(config_path), str(tmp_path / "windows.pt"), str(out)]
     proc = subprocess.run(
         [sys.executable, "-c", _KILL_SCRIPT, *args], env=env, capture_output=True, timeout=300

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +34,21 @@ from dist_pgkm.models.offline import minilm_dir, smollm2_dir
 from dist_pgkm.models.source import open_source
 from dist_pgkm.pq.aware import hessian_metric
 from dist_pgkm.pq.quantize import metric_error, quantize_weight
+from dist_pgkm.utils.optional import set_threads
 
 from ..calib_models import load_whole, reference_hessians, truncated
 
 REL_TOL = 1e-5  # of the largest |entry| of the reference H
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    """One thread for torch and faiss: activation-aware k-means makes many small calls per
+    group, which threads on a busy 2-core machine slow down tenfold."""
+    before = torch.get_num_threads()
+    set_threads(1)
+    yield
+    set_threads(before)
 
 
 def _installed(package: str) -> None:
