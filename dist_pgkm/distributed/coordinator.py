@@ -48,6 +48,7 @@ if TYPE_CHECKING:
 __all__ = [
     "Progress",
     "RunSummary",
+    "calibration_batch",
     "fingerprint",
     "package_version",
     "quantize_model",

@@ -360,7 +360,11 @@ def _never_reached(target: _Target, where: str) -> InvalidInputError:
 
 
 def _resolve(
-    model: nn.Module, requests: Sequence[HessianRequest], blocks_name: str, n_blocks: int
+    model: nn.Module,
+    requests: Sequence[HessianRequest],
+    blocks_name: str,
+    n_blocks: int,
+    device: torch.device,
 ) -> tuple[list[_Target], list[str]]:
     """Each request's Linear and position; the requests that have no Linear input."""
     targets: list[_Target] = []
@@ -392,7 +396,8 @@ def _resolve(
             if index.isdigit() and int(index) < n_blocks:
                 block = int(index)
         groups = width // request.block_size
-        hessian = torch.zeros(groups, request.block_size, request.block_size, dtype=torch.float64)
+        bs = request.block_size
+        hessian = torch.zeros(groups, bs, bs, dtype=torch.float64, device=device)
         targets.append(_Target(request.name, name, request.block_size, block, groups, hessian))
     return targets, without
 
@@ -484,7 +489,8 @@ def collect_hessians(
         model.config.use_cache = False  # no key/value cache between micro-batches
     blocks_name, blocks = find_block_list(model)
     n_blocks = len(blocks)
-    targets, without = _resolve(model, requests, blocks_name, n_blocks)
+    dev = torch.device(device)
+    targets, without = _resolve(model, requests, blocks_name, n_blocks, dev)
     for name in without:
         logger.info("%s has no Linear input; it is quantized with the weight metric", name)
     inputs_of = {t.job: t.linear for t in targets}
@@ -494,7 +500,7 @@ def collect_hessians(
         summary.seconds = time.perf_counter() - start_time
         return summary
 
-    dev = torch.device(device)
+    _check_windows(windows, model, config)  # before reading any weight
     weights = _Weights(model, source, dev, torch.float32)
     inside = f"{blocks_name}."
     outside = [
@@ -507,7 +513,6 @@ def collect_hessians(
         for key, buffer in module._buffers.items():
             if buffer is not None and not buffer.is_meta and buffer.device != dev:
                 module._buffers[key] = buffer.to(dev)
-    _check_windows(windows, model, config)
     ids = windows.to(torch.int64)
     batches = [slice(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
     blocks_needed = [t.block for t in targets if t.block is not None]
@@ -551,7 +556,7 @@ def collect_hessians(
         first = min(blocks_needed, default=n_blocks)
         last = n_blocks - 1 if tail else max(blocks_needed, default=-1)
         start = 0
-        if resume is not None:
+        if resume is not None and last >= 0:
             # At least one block runs when the tail needs the blocks' output type.
             at, saved = resume
             if 0 < at <= min(first, last) and tuple(saved.shape) == tuple(hidden.shape):
