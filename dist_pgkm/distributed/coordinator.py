@@ -102,10 +102,9 @@ def calibration_batch(seq_len: int) -> int:
 
 @dataclass(frozen=True)
 class _Calibration:
-    """The calibration a run needs: its windows, the jobs needing ``H``, its identity."""
+    """The calibration a run needs: its windows and its identity (fingerprinted)."""
 
     windows: torch.Tensor
-    jobs: tuple[LayerJob, ...]
     identity: dict[str, Any]
 
 
@@ -146,7 +145,7 @@ def _calibration_for(
         "batch": calibration_batch(cal.seq_len),
         "layers": sorted([job.name, job.block_size] for job in jobs),
     }
-    return _Calibration(calib_ids.to(torch.int64), jobs, identity)
+    return _Calibration(calib_ids.to(torch.int64), identity)
 
 
 def shard_path(name: str) -> str:
