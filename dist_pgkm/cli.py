@@ -18,11 +18,16 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dist_pgkm import __version__
 from dist_pgkm.errors import DistPGKMError, InvalidInputError
 from dist_pgkm.pgkm.api import METHODS
+
+if TYPE_CHECKING:
+    import torch
+
+    from dist_pgkm.config.quantize import QuantizeConfig
 
 __all__ = ["build_parser", "main"]
 
@@ -274,11 +279,17 @@ def _run_quantize(args: argparse.Namespace) -> int:
     from dist_pgkm.distributed.coordinator import quantize_model
 
     config = load_config(args.config, method=args.method, seed=args.seed)
+    config = _with_calibration(config, args.calib, args.calib_samples)
+    model = _model_path(args.model)
+    calib_ids = None
+    if config.needs_calibration and config.calibration.text is not None:
+        calib_ids = _calibration_ids(model, config)
     with quantize_progress() as update:
         summary = quantize_model(
-            _model_path(args.model),
+            model,
             config,
             args.out,
+            calib_ids=calib_ids,
             resume=args.resume,
             max_shard_bytes=args.max_shard_size,
             progress=update,
@@ -307,6 +318,8 @@ def _run_quantize(args: argparse.Namespace) -> int:
         f"  {summary.seconds:.1f} s (quantize {summary.quantize_seconds:.1f} s, merge "
         f"{summary.merge_seconds:.1f} s), peak RSS {_fmt_bytes(summary.peak_rss_bytes)}"
     )
+    if summary.calibration is not None:
+        console.print(_calibration_line(summary.calibration, summary.metrics), highlight=False)
     for line in worker_summary_lines(summary.timing):
         console.print(line, highlight=False)
     from dist_pgkm.eval.report import write_report
@@ -316,6 +329,73 @@ def _run_quantize(args: argparse.Namespace) -> int:
     if args.json is not None:
         write_json_file(args.json, {**summary.as_dict(), "checkpoint": info.as_dict()})
     return 0
+
+
+def _with_calibration(
+    config: QuantizeConfig, text: str | None, samples: int | None
+) -> QuantizeConfig:
+    """The config with ``--calib`` / ``--calib-samples`` in its ``calibration`` section.
+
+    They are dropped (with a warning) when no rule asks for ``metric: hessian``, so that they
+    do not change the run's fingerprint for nothing.
+    """
+    from dist_pgkm.config.quantize import load_config
+
+    if text is None and samples is None:
+        return config
+    if not config.needs_calibration:
+        logging.getLogger(__name__).warning(
+            "--calib/--calib-samples given, but no rule asks for `metric: hessian`: ignored"
+        )
+        return config
+    data = config.model_dump(mode="json")
+    data["calibration"].update(
+        {key: value for key, value in (("text", text), ("samples", samples)) if value}
+    )
+    return load_config(data)
+
+
+def _calibration_ids(model: Path, config: QuantizeConfig) -> torch.Tensor:
+    """The calibration token windows of ``config.calibration`` under the model's tokenizer."""
+    import transformers
+
+    from dist_pgkm.errors import ModelSourceError
+    from dist_pgkm.eval.text import calibration_windows, load_text
+    from dist_pgkm.models.source import open_source
+
+    source = open_source(model)
+    if source.model_dir is None:
+        raise ModelSourceError(
+            f"{model} has no model directory with a tokenizer, so the calibration text cannot "
+            "be tokenized. Pass the Hugging Face directory of the model (config.json and "
+            "tokenizer files next to the weights)."
+        )
+    auto: Any = transformers.AutoTokenizer
+    try:
+        tokenizer = auto.from_pretrained(str(source.model_dir))
+    except (OSError, ValueError) as exc:
+        raise ModelSourceError(
+            f"Cannot load the tokenizer of {source.model_dir} ({exc}); the calibration text "
+            "cannot be tokenized. Copy the model's tokenizer files next to its config.json."
+        ) from exc
+    cal = config.calibration
+    assert cal.text is not None  # the caller checks
+    text = load_text([cal.text])
+    return calibration_windows(tokenizer, text, cal.samples, cal.seq_len)
+
+
+def _calibration_line(calibration: dict[str, Any], metrics: dict[str, str]) -> str:
+    aware = sum(1 for metric in metrics.values() if metric != "weight")
+    if calibration.get("blocks_run"):
+        what = (
+            f"calibration: {calibration['samples']} x {calibration['seq_len']} tokens through "
+            f"{calibration['blocks_run']} blocks in {calibration['seconds']:.1f} s "
+            f"({calibration['tokens_per_second']:,.0f} tokens/s per block), "
+            f"peak RSS {_fmt_bytes(calibration['peak_rss_bytes'])}"
+        )
+    else:
+        what = f"calibration: reused for {calibration['reused']} layers"
+    return f"  {what}; {aware} of {len(metrics)} layers quantized activation-aware"
 
 
 def _register_quantize(subparsers: Subparsers, parents: list[argparse.ArgumentParser]) -> None:
@@ -379,6 +459,20 @@ def _register_quantize(subparsers: Subparsers, parents: list[argparse.ArgumentPa
         default=1,
         metavar="N",
         help="CPUs each CPU Ray worker reserves and uses as threads (default 1)",
+    )
+    p.add_argument(
+        "--calib",
+        default=None,
+        metavar="TEXT",
+        help="calibration text for rules with `metric: hessian`: a corpus name (wordnet, "
+        "debian-reference, wikitext-2) or a text file; overrides calibration.text",
+    )
+    p.add_argument(
+        "--calib-samples",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="calibration windows of calibration.seq_len tokens (default: the config's, 128)",
     )
     p.add_argument("--json", type=Path, metavar="PATH", help="write the run summary as JSON")
     p.set_defaults(handler=_run_quantize)

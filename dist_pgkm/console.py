@@ -38,6 +38,13 @@ def _rate(weights_per_second: float) -> str:
 
 
 def _headline(snap: ProgressSnapshot, elapsed: float, eta: float | None) -> str:
+    c = snap.calibration
+    if c is not None:
+        return (
+            f"calibrating {c.blocks_done}/{c.blocks_total} blocks · "
+            f"{c.tokens_per_second:,.0f} tokens/s · {format_duration(elapsed)} elapsed · "
+            f"eta {format_duration(eta)}"
+        )
     return (
         f"{snap.description} {snap.done}/{snap.total} layers · {_rate(snap.weights_per_second)}"
         f" · {format_duration(elapsed)} elapsed · eta {format_duration(eta)}"
@@ -66,10 +73,13 @@ class _LiveView:
             snap, age = self._snap, time.monotonic() - self._at
         if snap is None:
             return Text("starting")
-        eta = None if snap.eta_seconds is None else max(0.0, snap.eta_seconds - age)
+        c = snap.calibration
+        left = snap.eta_seconds if c is None else c.eta_seconds
+        eta = None if left is None else max(0.0, left - age)
+        done, total = (snap.done, snap.total) if c is None else (c.blocks_done, c.blocks_total)
         head = Table.grid(padding=(0, 1))
         head.add_row(
-            ProgressBar(total=max(snap.total, 1), completed=snap.done, width=30),
+            ProgressBar(total=max(total, 1), completed=done, width=30),
             Text(_headline(snap, snap.elapsed + age, eta)),
         )
         rows = Table.grid(padding=(0, 2))
@@ -96,9 +106,20 @@ def quantize_progress(stream: TextIO | None = None) -> Iterator[Callable[[Progre
 
 
 def _log_lines(out: TextIO) -> Callable[[ProgressSnapshot], None]:
-    seen = {"done": -1}
+    seen = {"done": -1, "blocks": 0}
 
     def write(snap: ProgressSnapshot) -> None:
+        c = snap.calibration
+        if c is not None:
+            if c.blocks_done > seen["blocks"]:
+                seen["blocks"] = c.blocks_done
+                print(
+                    f"[calibration {c.blocks_done}/{c.blocks_total} blocks] "
+                    f"{c.tokens_per_second:,.0f} tokens/s · eta {format_duration(c.eta_seconds)}",
+                    file=out,
+                    flush=True,
+                )
+            return
         last = snap.last_finished
         if snap.done == seen["done"] or last is None:
             return

@@ -27,11 +27,14 @@ MANIFEST_VERSION = 1
 
 @dataclass(frozen=True)
 class LayerRecord:
-    """A finished layer: its shard (relative to the output dir), the shard's sha256, and time."""
+    """A finished layer: its shard (relative to the output dir), the shard's sha256, the time
+    it took, and the k-means metric it was quantized with (``weight``, ``hessian``,
+    ``hessian-diag``)."""
 
     shard: str
     sha256: str
     seconds: float
+    metric: str = "weight"
 
 
 def fingerprint_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -58,6 +61,19 @@ def fingerprint_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
             problems.append(f"source file {name} is new")
         elif old_src[name] != new_src[name]:
             problems.append(f"source file {name} has changed")
+    old_cal, new_cal = old.get("calibration"), new.get("calibration")
+    if old_cal != new_cal:
+        if old_cal is None:
+            problems.append("it ran without calibration, this one calibrates")
+        elif new_cal is None:
+            problems.append("it ran with calibration, this one without")
+        else:
+            keys = sorted(set(old_cal) | set(new_cal))
+            changed = [k for k in keys if old_cal.get(k) != new_cal.get(k)]
+            problems.append(
+                f"the calibration differs ({', '.join(changed)}: another text, tokenizer, "
+                "number or length of windows, or other layers needing it)"
+            )
     if not problems and old != new:
         problems.append("the model's layers differ")
     return problems

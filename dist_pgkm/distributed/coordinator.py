@@ -1,9 +1,11 @@
 """The coordinator: plans a run, executes its jobs, and alone writes the output directory.
 
 ``quantize_model`` is the whole-model job on one machine: open the source lazily, plan the
-layers, start or resume the run in the output directory (``manifest.json``), quantize every
-unfinished layer into its own atomic shard, then merge into one checkpoint. Killed at any
-point, the same call continues where it stopped and writes the same bytes.
+layers, start or resume the run in the output directory (``manifest.json``), collect the
+calibration statistics when a rule asks for ``metric: hessian`` (the only sequential part:
+``OUT/calib/``), quantize every unfinished layer into its own atomic shard, then merge into
+one checkpoint. Killed at any point, the same call continues where it stopped and writes the
+same bytes.
 """
 
 from __future__ import annotations
@@ -17,15 +19,25 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from dist_pgkm.checkpoint.atomic import exclusive_run, remove_stale_temp_files
+from dist_pgkm.checkpoint.calib import CalibStore, HessianFile, read_hessian
 from dist_pgkm.checkpoint.manifest import LayerRecord, Manifest
 from dist_pgkm.checkpoint.merge import QuantizedLayer, merge_checkpoint
 from dist_pgkm.checkpoint.shard import file_sha256, write_shard
 from dist_pgkm.config.quantize import QuantizeConfig
 from dist_pgkm.distributed.plan import LayerJob, Plan, plan_run
-from dist_pgkm.distributed.progress import ProgressSnapshot, RunTracker
+from dist_pgkm.distributed.progress import CalibrationStatus, ProgressSnapshot, RunTracker
 from dist_pgkm.distributed.worker import JobResult, run_job
-from dist_pgkm.errors import CheckpointError, DistributedError, InvalidInputError
+from dist_pgkm.errors import CheckpointError, ConfigError, DistributedError, InvalidInputError
+from dist_pgkm.models.calibrate import (
+    HEAD,
+    BlockResult,
+    HessianRequest,
+    collect_hessians,
+    windows_digest,
+)
 from dist_pgkm.models.layers import find_layers
 from dist_pgkm.models.source import ModelSource, open_source
 from dist_pgkm.utils.memory import peak_rss_bytes
@@ -36,6 +48,7 @@ if TYPE_CHECKING:
 __all__ = [
     "Progress",
     "RunSummary",
+    "calibration_batch",
     "fingerprint",
     "package_version",
     "quantize_model",
@@ -58,14 +71,81 @@ def package_version() -> str:
         return __version__
 
 
-def fingerprint(source: ModelSource, config: QuantizeConfig, plan: Plan) -> dict[str, Any]:
-    """What decides a run's bytes: package version, config, source files, planned layers."""
-    return {
+def fingerprint(
+    source: ModelSource,
+    config: QuantizeConfig,
+    plan: Plan,
+    calibration: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """What decides a run's bytes: package version, config, source files, planned layers, and
+    the calibration (its windows' digest, their number and length, the layers needing it with
+    their block sizes) when the run has one."""
+    data = {
         "dist_pgkm_version": package_version(),
         "config": config.model_dump(mode="json"),
         "source": source.fingerprint(),
         "layers": [[job.name, list(job.shape), job.block_size, job.k] for job in plan.jobs],
     }
+    if calibration is not None:
+        data["calibration"] = calibration
+    return data
+
+
+def calibration_batch(seq_len: int) -> int:
+    """Windows per calibration forward pass: about 4096 tokens.
+
+    A function of ``seq_len`` alone, so that the per-micro-batch float32 sums, hence the
+    ``H`` bytes, are the same on every run and resume of the same calibration.
+    """
+    return max(1, 4096 // seq_len)
+
+
+@dataclass(frozen=True)
+class _Calibration:
+    """The calibration a run needs: its windows and its identity (fingerprinted)."""
+
+    windows: torch.Tensor
+    identity: dict[str, Any]
+
+
+def _calibration_for(
+    config: QuantizeConfig, plan: Plan, calib_ids: torch.Tensor | None
+) -> _Calibration | None:
+    """Check the calibration windows against the config; None when no job needs ``H``."""
+    jobs = tuple(job for job in plan.jobs if job.options.needs_hessian)
+    if not jobs:
+        if calib_ids is not None:
+            logger.info("Calibration windows given, but no rule asks for metric: hessian")
+        return None
+    if calib_ids is None:
+        names = ", ".join(job.name for job in jobs[:3]) + (", ..." if len(jobs) > 3 else "")
+        raise ConfigError(
+            f"{len(jobs)} layer(s) ({names}) are to be quantized with `metric: hessian`, "
+            "which needs calibration text run through the model, and none was given. Pass "
+            "--calib wordnet (a corpus name or a text file) on the command line, or "
+            "`calib_ids` (token windows from dist_pgkm.eval.calibration_windows) in Python; "
+            "or use `metric: weight` in those rules."
+        )
+    cal = config.calibration
+    if calib_ids.dim() != 2 or calib_ids.dtype.is_floating_point or calib_ids.dtype == torch.bool:
+        raise InvalidInputError(
+            f"calib_ids must be a 2-D tensor of token ids (samples, seq_len); got shape "
+            f"{tuple(calib_ids.shape)} and dtype {calib_ids.dtype}."
+        )
+    if tuple(calib_ids.shape) != (cal.samples, cal.seq_len):
+        raise InvalidInputError(
+            f"calib_ids has shape {tuple(calib_ids.shape)}, but the config's calibration asks "
+            f"for {cal.samples} samples of {cal.seq_len} tokens. Cut the windows with "
+            "calibration.samples and calibration.seq_len, or set those to the windows' shape."
+        )
+    identity = {
+        "windows_sha256": windows_digest(calib_ids),
+        "samples": cal.samples,
+        "seq_len": cal.seq_len,
+        "batch": calibration_batch(cal.seq_len),
+        "layers": sorted([job.name, job.block_size] for job in jobs),
+    }
+    return _Calibration(calib_ids.to(torch.int64), identity)
 
 
 def shard_path(name: str) -> str:
@@ -87,6 +167,8 @@ class RunSummary:
     merge_seconds: float = 0.0
     peak_rss_bytes: int = 0
     timing: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, str] = field(default_factory=dict)
+    calibration: dict[str, Any] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready summary (the plan as counts and skipped layers)."""
@@ -106,6 +188,8 @@ class RunSummary:
             "merge_seconds": self.merge_seconds,
             "peak_rss_bytes": self.peak_rss_bytes,
             "timing": self.timing,
+            "metrics": self.metrics,
+            "calibration": self.calibration,
         }
 
 
@@ -121,6 +205,8 @@ def quantize_model(
     address: str | None = None,
     gpus_per_worker: float = 0.0,
     cpus_per_worker: int = 1,
+    calib_ids: torch.Tensor | None = None,
+    calib_checkpoint_every: float = 120.0,
 ) -> RunSummary:
     """Quantize the selected layers of ``model`` into one checkpoint in ``out_dir``.
 
@@ -138,14 +224,23 @@ def quantize_model(
         address: ``HOST:PORT`` of a Ray cluster to join instead of running on this machine.
         gpus_per_worker: GPUs each Ray worker reserves (0: CPU workers).
         cpus_per_worker: CPUs each CPU Ray worker reserves; its kernels use as many threads.
+        calib_ids: ``(calibration.samples, calibration.seq_len)`` token ids of the calibration
+            text (:func:`dist_pgkm.eval.calibration_windows`), needed when a rule asks for
+            ``metric: hessian``. Their digest is part of the run's fingerprint.
+        calib_checkpoint_every: Minimum seconds between two saves of the calibration's hidden
+            states (its resume points).
 
     Returns:
-        What was done, with timings and peak memory.
+        What was done, with timings, peak memory, the metric of every layer and what the
+        calibration did.
 
     Raises:
-        ModelSourceError: The model cannot be read.
+        ModelSourceError: The model cannot be read (or, with calibration, run).
         ConfigError: The config selects nothing, or an unsupported layer with
-            ``on_unsupported: error``.
+            ``on_unsupported: error``, or asks for ``metric: hessian`` without ``calib_ids``.
+        InvalidInputError: ``calib_ids`` do not match the config's calibration or the model;
+            a layer needing ``H`` is never reached by the forward pass, or its ``H`` is not
+            finite.
         CheckpointError: ``out_dir`` holds another run or is not a run directory.
         DistributedError: Ray is not installed, the cluster cannot be reached, no worker can
             be placed, or a layer's worker died on every attempt.
@@ -167,6 +262,9 @@ def quantize_model(
     out = Path(out_dir)
     source = open_source(model)
     plan = plan_run(find_layers(source), config)
+    calibration = _calibration_for(config, plan, calib_ids)
+    if calib_checkpoint_every < 0:
+        raise InvalidInputError(f"calib_checkpoint_every={calib_checkpoint_every}: use >= 0.")
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"{out} is a file; --out must be a directory.")
     with exclusive_run(out):
@@ -181,6 +279,8 @@ def quantize_model(
             progress,
             start,
             executor,
+            calibration,
+            calib_checkpoint_every,
         )
 
 
@@ -230,8 +330,11 @@ def _run(
     progress: Progress | None,
     start: float,
     executor: _Executor,
+    calibration: _Calibration | None,
+    calib_checkpoint_every: float,
 ) -> RunSummary:
-    manifest = Manifest.open(out, fingerprint(source, config, plan), resume=resume)
+    identity = None if calibration is None else calibration.identity
+    manifest = Manifest.open(out, fingerprint(source, config, plan, identity), resume=resume)
     if removed := remove_stale_temp_files(out):
         logger.info("Removed %d temp files left by an interrupted run", removed)
     redone = manifest.verify()
@@ -250,17 +353,29 @@ def _run(
     def record(job: LayerJob, result: JobResult) -> None:
         _record(job, result, manifest)
 
+    hessians: dict[str, HessianFile] = {}
+    calib_info: dict[str, Any] | None = None
+    if calibration is not None:
+        store = CalibStore.open(
+            out, {**calibration.identity, "source": source.fingerprint()}, calib_checkpoint_every
+        )
+        hessians, calib_info = _calibrate(source, calibration, todo, store, tracker)
+        tracker.stage("quantizing")
+
     if executor.in_process:
         tracker.worker_ready("local", "this process")
         for job in todo:
             tracker.dispatched(job, "local")
             weight = source.read(job.tensor)
-            result = run_job(job, weight, config)
-            del weight
+            hessian = None
+            if job.name in hessians:
+                hessian = read_hessian(hessians[job.name].path, hessians[job.name].sha256, job.name)
+            result = run_job(job, weight, config, hessian)
+            del weight, hessian
             record(job, result)
             tracker.finished(job, "local", result.seconds, result.peak_rss_bytes)
     elif todo:
-        _run_on_ray(todo, model, config, executor, record, tracker)
+        _run_on_ray(todo, model, config, executor, record, tracker, hessians)
     tracker.close()
     quantize_end = time.perf_counter()
 
@@ -286,7 +401,98 @@ def _run(
         merge_seconds=end - quantize_end,
         peak_rss_bytes=peak_rss_bytes(),
         timing=tracker.summary(),
+        metrics={name: rec.metric for name, rec in sorted(manifest.layers.items())},
+        calibration=calib_info,
     )
+
+
+def _calibrate(
+    source: ModelSource,
+    calibration: _Calibration,
+    todo: list[LayerJob],
+    store: CalibStore,
+    tracker: RunTracker,
+) -> tuple[dict[str, HessianFile], dict[str, Any]]:
+    """Collect ``H`` for the unfinished layers that need it (resuming), file by file.
+
+    Returns:
+        Layer -> its ``H`` file, for the layers to quantize that have one; and what the
+        calibration did (for the run summary).
+    """
+    wanted = [job for job in todo if job.options.needs_hessian]
+    have = store.hessians
+    missing = [
+        job for job in wanted if job.name not in have and job.name not in store.without_input
+    ]
+    info: dict[str, Any] = {
+        "layers": len(wanted),
+        "reused": len(wanted) - len(missing),
+        "samples": int(calibration.windows.shape[0]),
+        "seq_len": int(calibration.windows.shape[1]),
+        "seconds": 0.0,
+        "blocks_run": 0,
+        "start_block": None,
+        "hidden_saves": 0,
+        "tokens_per_second": None,
+        "peak_rss_bytes": None,
+    }
+    if missing:
+        t0 = time.perf_counter()
+        block_seconds: list[float] = []
+        saves = 0
+        requests = [HessianRequest(job.name, job.block_size, job.tied) for job in missing]
+        resume = store.hidden()
+
+        def on_block(result: BlockResult) -> None:
+            nonlocal saves
+            saves += store.add(result.hessians, result.inputs_of, result.block + 1, result.hidden)
+            if result.block == HEAD:
+                tracker.calibrating(CalibrationStatus(0, result.blocks_planned, 0.0, None))
+            elif result.block < result.n_blocks:
+                block_seconds.append(result.seconds)
+                mean = sum(block_seconds) / len(block_seconds)
+                tracker.calibrating(
+                    CalibrationStatus(
+                        result.blocks_done,
+                        result.blocks_planned,
+                        result.tokens / max(result.seconds, 1e-9),
+                        mean * (result.blocks_planned - result.blocks_done),
+                    )
+                )
+
+        summary = collect_hessians(
+            source,
+            requests,
+            calibration.windows,
+            on_block,
+            resume=resume,
+            batch_size=calibration_batch(int(calibration.windows.shape[1])),
+        )
+        del resume
+        store.complete(summary.without_input)
+        seconds = time.perf_counter() - t0
+        tokens = summary.tokens * summary.blocks_run
+        info.update(
+            seconds=round(seconds, 3),
+            blocks_run=summary.blocks_run,
+            n_blocks=summary.n_blocks,
+            block_list=summary.block_list,
+            start_block=summary.start_block,
+            hidden_saves=saves,
+            tokens_per_second=round(tokens / sum(block_seconds), 1) if block_seconds else None,
+            peak_rss_bytes=peak_rss_bytes(),
+        )
+    without = sorted(job.name for job in wanted if job.name in store.without_input)
+    if without:
+        logger.warning(
+            "%d layer(s) ask for metric: hessian but have no Linear input (an Embedding not "
+            "tied to an output layer, a Conv2d) and are quantized with the weight metric: %s",
+            len(without),
+            ", ".join(without[:5]) + (", ..." if len(without) > 5 else ""),
+        )
+    info["without_input"] = without
+    have = store.hessians
+    return {job.name: have[job.name] for job in wanted if job.name in have}, info
 
 
 def _merged_intact(out: Path, files: dict[str, str]) -> bool:
@@ -306,15 +512,18 @@ def _run_on_ray(
     executor: _Executor,
     record: Callable[[LayerJob, JobResult], None],
     tracker: RunTracker,
+    hessians: dict[str, HessianFile],
 ) -> None:
     # Absolute, not resolved (see open_source): workers may run in another directory.
     path = str(model.expanduser().absolute())
-    _ray_executor().run_on_ray(jobs, path, config, executor.options(), record, tracker)
+    _ray_executor().run_on_ray(
+        jobs, path, config, executor.options(), record, tracker, hessians=hessians
+    )
 
 
 def _record(job: LayerJob, result: JobResult, manifest: Manifest) -> None:
     """Write a finished job's shard and mark it done: only the coordinator writes."""
     rel = shard_path(job.name)
     digest = write_shard(manifest.out_dir / rel, result.tensors, result.meta)
-    manifest.record(job.name, LayerRecord(rel, digest, round(result.seconds, 3)))
+    manifest.record(job.name, LayerRecord(rel, digest, round(result.seconds, 3), result.metric))
     logger.debug("%s done in %.2f s", job.name, result.seconds)

@@ -1,7 +1,8 @@
 """What a run is doing, for the live display and the end-of-run summary (pure: no Ray).
 
 The executors report four events to a :class:`RunTracker`: a worker is ready, a job is
-handed to it, its result arrives, a worker is lost. From those the tracker answers "how far,
+handed to it, its result arrives, a worker is lost. Before them, a calibration (if the run
+needs one) reports each finished block. From those the tracker answers "how far,
 how fast, how long still" at any moment (:meth:`RunTracker.snapshot`) and, at the end, where
 the time went (:meth:`RunTracker.summary`): time per layer, per worker, and the share of each
 worker's life it spent waiting.
@@ -19,7 +20,14 @@ from typing import Any
 
 from dist_pgkm.distributed.plan import LayerJob
 
-__all__ = ["LayerTime", "ProgressSnapshot", "RunTracker", "WorkerActivity", "WorkerStats"]
+__all__ = [
+    "CalibrationStatus",
+    "LayerTime",
+    "ProgressSnapshot",
+    "RunTracker",
+    "WorkerActivity",
+    "WorkerStats",
+]
 
 
 @dataclass
@@ -76,8 +84,25 @@ class WorkerActivity:
 
 
 @dataclass(frozen=True)
+class CalibrationStatus:
+    """How far the calibration is (it runs before any layer is quantized).
+
+    Attributes:
+        blocks_done: Blocks of the model run so far (in this call).
+        blocks_total: Blocks this call runs.
+        tokens_per_second: Calibration tokens through one block per second (last block).
+        eta_seconds: Time left, from the mean block time so far.
+    """
+
+    blocks_done: int
+    blocks_total: int
+    tokens_per_second: float
+    eta_seconds: float | None
+
+
+@dataclass(frozen=True)
 class ProgressSnapshot:
-    """The run at one moment."""
+    """The run at one moment (``calibration`` is set while the calibration runs)."""
 
     done: int
     total: int
@@ -87,6 +112,7 @@ class ProgressSnapshot:
     eta_seconds: float | None
     workers: tuple[WorkerActivity, ...]
     last_finished: LayerTime | None = None
+    calibration: CalibrationStatus | None = None
 
     @property
     def finished(self) -> bool:
@@ -115,6 +141,7 @@ class RunTracker:
     workers: dict[str, WorkerStats] = field(init=False, default_factory=dict)
     layers: list[LayerTime] = field(init=False, default_factory=list)
     description: str = field(init=False, default="quantizing")
+    calibration: CalibrationStatus | None = field(init=False, default=None)
     _cost: dict[str, float] = field(init=False)
     _cost_left: float = field(init=False)
     _cost_done: float = field(init=False, default=0.0)
@@ -164,6 +191,13 @@ class RunTracker:
     def stage(self, description: str) -> None:
         """A new phase of the run (``merging``), shown instead of ``quantizing``."""
         self.description = description
+        self.calibration = None
+        self._notify()
+
+    def calibrating(self, status: CalibrationStatus) -> None:
+        """The calibration finished a block (:meth:`stage` ends the calibration phase)."""
+        self.description = "calibrating"
+        self.calibration = status
         self._notify()
 
     def close(self) -> None:
@@ -204,6 +238,7 @@ class RunTracker:
                 if not w.lost
             ),
             last_finished=self.layers[-1] if self.layers else None,
+            calibration=self.calibration,
         )
 
     def summary(self, slowest: int = 10) -> dict[str, Any]:

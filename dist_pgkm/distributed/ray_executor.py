@@ -24,7 +24,7 @@ import socket
 import tempfile
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,7 @@ import ray.exceptions
 import torch
 
 import dist_pgkm
+from dist_pgkm.checkpoint.calib import HessianFile, read_hessian
 from dist_pgkm.config.quantize import QuantizeConfig
 from dist_pgkm.distributed.plan import LayerJob
 from dist_pgkm.distributed.progress import RunTracker
@@ -130,11 +131,13 @@ class _LayerWorker:
             "model_error": error,
         }
 
-    def run(self, job: LayerJob) -> JobResult:
+    def run(self, job: LayerJob, hessian: HessianFile | None = None) -> JobResult:
         if self._source is None:
             self._source = open_source(self._model)
         weight = self._source.read(job.tensor)
-        return run_job(job, weight, self._config)
+        # The calibration's H is read by path too (--out on the shared file system).
+        h = None if hessian is None else read_hessian(hessian.path, hessian.sha256, job.name)
+        return run_job(job, weight, self._config, h)
 
 
 def run_on_ray(
@@ -144,6 +147,7 @@ def run_on_ray(
     options: RayOptions,
     on_result: OnResult,
     tracker: RunTracker | None = None,
+    hessians: Mapping[str, HessianFile] | None = None,
 ) -> None:
     """Run ``jobs`` on Ray actors, longest first, and hand each result to ``on_result``.
 
@@ -155,6 +159,8 @@ def run_on_ray(
         options: Embedded or cluster, number of workers, GPUs, retries and timeouts.
         on_result: Called in this process with each finished job, as it arrives.
         tracker: Told when workers start and die and jobs start and finish (progress).
+        hessians: Layer -> its calibration file (absolute path and sha256), read by the
+            worker that runs the layer; the path must be readable there too.
 
     Raises:
         DistributedError: The cluster cannot be reached or joined; a worker runs another
@@ -166,7 +172,8 @@ def run_on_ray(
     if not jobs:
         return
     with ray_session(options) as n_workers:
-        _Scheduler(model, config, options, on_result, tracker).run(jobs, n_workers)
+        scheduler = _Scheduler(model, config, options, on_result, tracker, dict(hessians or {}))
+        scheduler.run(jobs, n_workers)
 
 
 def preflight(options: RayOptions) -> None:
@@ -399,6 +406,7 @@ class _Scheduler:
     options: RayOptions
     on_result: OnResult
     tracker: RunTracker | None
+    hessians: dict[str, HessianFile] = field(default_factory=dict)
     queue: deque[LayerJob] = field(default_factory=deque)
     attempts: dict[str, int] = field(default_factory=dict)
     slots: dict[int, _Slot] = field(default_factory=dict)
@@ -453,7 +461,8 @@ class _Scheduler:
                 continue
             job = self.queue.popleft()
             slot.job = job
-            self.pending[slot.actor.run.remote(job)] = slot.index
+            ref = slot.actor.run.remote(job, self.hessians.get(job.name))
+            self.pending[ref] = slot.index
             logger.debug("%s -> worker %d (%s)", job.name, slot.index, slot.info.node_ip)
             if self.tracker is not None:
                 self.tracker.dispatched(job, slot.info.label)

@@ -21,23 +21,33 @@ __all__ = ["JobResult", "run_job"]
 
 @dataclass
 class JobResult:
-    """A finished job: the shard's tensors and header metadata, the time it took, and the
-    peak resident memory of the process that ran it (so far)."""
+    """A finished job: the shard's tensors and header metadata, the time it took, the peak
+    resident memory of the process that ran it (so far), and the k-means metric it used
+    (``weight``, ``hessian``, ``hessian-diag``)."""
 
     name: str
     tensors: dict[str, torch.Tensor]
     meta: dict[str, str]
     seconds: float
     peak_rss_bytes: int = 0
+    metric: str = "weight"
 
 
-def run_job(job: LayerJob, weight: torch.Tensor, config: QuantizeConfig) -> JobResult:
+def run_job(
+    job: LayerJob,
+    weight: torch.Tensor,
+    config: QuantizeConfig,
+    hessian: torch.Tensor | None = None,
+) -> JobResult:
     """Quantize one layer's weight as the job says.
 
     Args:
-        job: The layer, its block size, codebook size and seed.
+        job: The layer, its block size, codebook size, seed and the rule's options.
         weight: The layer's weight as stored (any float dtype; clustering is in float32).
-        config: The run's configuration (method, iterations, options, centroid dtype).
+        config: The run's configuration (method, iterations, options, centroid dtype, damping).
+        hessian: ``(width / bs, bs, bs)`` diagonal blocks of the layer's input second moment
+            from calibration, for a rule with ``metric: hessian*``; without it such a layer is
+            quantized with the weight metric (the result says which metric was used).
     """
     start = time.perf_counter()
     q = quantize_weight(
@@ -47,9 +57,13 @@ def run_job(job: LayerJob, weight: torch.Tensor, config: QuantizeConfig) -> JobR
         method=config.method,
         seed=job.seed,
         name=job.name,
+        options=job.options,
+        hessian=hessian,
+        damp=config.calibration.damp,
         n_iter=config.n_iter,
         **config.method_options,
     )
     tensors, meta = encode_layer(job.name, q, config.centroid_dtype, kind=job.kind, k=job.k)
+    meta.setdefault("metric", q.metric)  # a header entry: readers ignore keys they do not know
     seconds = time.perf_counter() - start
-    return JobResult(job.name, tensors, meta, seconds, peak_rss_bytes())
+    return JobResult(job.name, tensors, meta, seconds, peak_rss_bytes(), q.metric)

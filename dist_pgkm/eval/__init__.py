@@ -20,6 +20,7 @@ from dist_pgkm.eval.retrieval import (
 )
 from dist_pgkm.eval.text import (
     CORPORA,
+    calibration_windows,
     load_text,
     token_windows,
     tokenize,
@@ -32,6 +33,7 @@ __all__ = [
     "PerplexityResult",
     "ProgressCallback",
     "RetrievalResult",
+    "calibration_windows",
     "definition",
     "embed",
     "load_text",

@@ -13,7 +13,8 @@ With internet access, ``wikitext-2`` (the raw test split of WikiText-2, through 
 
 :func:`token_windows` (:func:`tokenize` then :func:`windows_from_ids`) cuts a tokenized corpus
 into non-overlapping windows and hands out two disjoint sets of them, ``"eval"`` and
-``"calib"``, so that calibration never sees evaluation text.
+``"calib"``, so that calibration never sees evaluation text. :func:`calibration_windows` is
+the ``"calib"`` split as ``quantize --calib`` uses it.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ __all__ = [
     "WORDNET_NOUNS",
     "Split",
     "TextTokenizer",
+    "calibration_windows",
     "load_text",
     "token_windows",
     "tokenize",
@@ -247,6 +249,49 @@ def token_windows(
             must be.
     """
     return windows_from_ids(tokenize(tokenizer, text), window, n_tokens, split)
+
+
+def calibration_windows(
+    tokenizer: TextTokenizer, text: str, samples: int, seq_len: int
+) -> torch.Tensor:
+    """The ``samples`` calibration windows of ``seq_len`` tokens of a text (``"calib"`` split).
+
+    Every other window of the text is held out for evaluation (:func:`windows_from_ids`), so
+    the text needs at least ``2 * samples * seq_len`` tokens.
+
+    Args:
+        tokenizer: The model's tokenizer (see :func:`tokenize`).
+        text: The calibration corpus, e.g. from :func:`load_text`.
+        samples: Windows wanted (``calibration.samples``, ``--calib-samples``).
+        seq_len: Tokens per window (``calibration.seq_len``).
+
+    Returns:
+        ``(samples, seq_len)`` int64 token ids, spread over the whole text.
+
+    Raises:
+        InvalidInputError: ``samples`` or ``seq_len`` out of range, or the text is too short
+            for them (the message gives its length and the largest ``samples`` it allows).
+    """
+    if samples < 1 or seq_len < 2:
+        raise InvalidInputError(
+            f"calibration samples={samples}, seq_len={seq_len}: at least 1 window of at least "
+            "2 tokens is needed."
+        )
+    ids = tokenize(tokenizer, text)
+    available = ids.numel() // seq_len // 2  # odd windows: the calibration split
+    if samples > available:
+        fewer = (
+            f"lower --calib-samples (calibration.samples) to at most {available}, "
+            if available
+            else ""
+        )
+        raise InvalidInputError(
+            f"The calibration text is too short: {samples} samples of {seq_len} tokens need "
+            f"{2 * samples * seq_len:,} tokens (every other window is held out for evaluation), "
+            f"but it has {ids.numel():,} tokens, enough for {available} samples. Pass a longer "
+            f"text (another corpus, or a larger file), {fewer}or lower calibration.seq_len."
+        )
+    return windows_from_ids(ids, seq_len, samples * seq_len, "calib")
 
 
 def _read_source(source: str | Path) -> str:

@@ -22,7 +22,7 @@ from torch import nn
 from dist_pgkm.errors import ModelSourceError
 from dist_pgkm.models.source import ModelSource, TensorInfo
 
-__all__ = ["LayerInfo", "LayerKind", "build_meta_model", "find_layers"]
+__all__ = ["LayerInfo", "LayerKind", "build_meta_model", "checkpoint_keys", "find_layers"]
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ def find_layers(source: ModelSource) -> list[LayerInfo]:
     return layers
 
 
-def build_meta_model(config: dict[str, Any]) -> nn.Module:
+def build_meta_model(config: dict[str, Any], *, real_buffers: bool = False) -> nn.Module:
     """Build the transformers model a config describes, on the meta device.
 
     No weight memory is allocated and no random initialisation is paid for: SmolLM2-135M builds
@@ -120,13 +120,17 @@ def build_meta_model(config: dict[str, Any]) -> nn.Module:
 
     Args:
         config: A parsed ``config.json``; ``config["architectures"][0]`` names the class.
+        real_buffers: Build the buffers on the CPU, as the model's constructor computes them
+            (rotary frequencies, position ids: small, and absent from checkpoints), so that the
+            model can run once its parameters are filled in. Needs ``accelerate``.
 
     Returns:
-        The model, every parameter and buffer on the meta device.
+        The model, every parameter (and, unless ``real_buffers``, every buffer) on the meta
+        device.
 
     Raises:
-        ModelSourceError: If the config names no architecture, if transformers is not
-            installed or has no class of that name.
+        ModelSourceError: If the config names no architecture, if transformers (or, with
+            ``real_buffers``, accelerate) is not installed or has no class of that name.
     """
     architectures = config.get("architectures")
     if not (
@@ -157,9 +161,43 @@ def build_meta_model(config: dict[str, Any]) -> nn.Module:
     # transformers' model classes are only partly typed; treat the class as dynamic.
     model_class: Any = found
     model_config = model_class.config_class.from_dict(config)
-    with torch.device("meta"):
-        model: nn.Module = model_class(model_config)
+    if not real_buffers:
+        with torch.device("meta"):
+            model: nn.Module = model_class(model_config)
+        return model
+    try:
+        from accelerate import init_empty_weights
+    except ImportError as exc:
+        raise ModelSourceError(
+            f"Running a {name} model layer by layer needs accelerate, which is not installed. "
+            "Install the model extras: `pip install 'dist-pgkm[models]'`."
+        ) from exc
+    # Parameters go to the meta device as they are registered; buffers stay where the
+    # constructor computed them.
+    with init_empty_weights(include_buffers=False):
+        model = model_class(model_config)
+    # Inside the context a tie registers a copy of the tied parameter; tie again outside it.
+    tie = getattr(model, "tie_weights", None)
+    if callable(tie):
+        tie()
     return model
+
+
+def checkpoint_keys(model: nn.Module, source: ModelSource) -> dict[str, str]:
+    """Map the parameter names of a model built by :func:`build_meta_model` to checkpoint keys.
+
+    Keys are matched as :func:`find_layers` matches them (transformers' renaming, base-model
+    prefix). A parameter the checkpoint does not store as is (missing, or converted on load)
+    has no entry.
+
+    Args:
+        model: The model, e.g. from :func:`build_meta_model`.
+        source: The opened checkpoint.
+
+    Returns:
+        ``{parameter name: checkpoint key}``.
+    """
+    return _checkpoint_keys(model, source.tensors(), source)
 
 
 def _layers_from_shapes(tensors: dict[str, TensorInfo]) -> list[LayerInfo]:

@@ -115,3 +115,15 @@ def test_disk_full_leaves_the_previous_state(
     assert (tmp_path / "manifest.json").read_bytes() == before
     assert not [p for p in tmp_path.rglob("*.tmp")]
     assert list(Manifest.open(tmp_path, _fingerprint(), resume=True).layers) == ["l0"]
+
+
+def test_changed_calibration_is_named() -> None:
+    from dist_pgkm.checkpoint.manifest import fingerprint_diff
+
+    base = {"dist_pgkm_version": "1", "config": {}, "source": [], "layers": []}
+    calibrated = {**base, "calibration": {"windows_sha256": "a", "samples": 4}}
+    assert fingerprint_diff(base, calibrated) == ["it ran without calibration, this one calibrates"]
+    assert fingerprint_diff(calibrated, base) == ["it ran with calibration, this one without"]
+    other = {**base, "calibration": {"windows_sha256": "b", "samples": 4}}
+    (problem,) = fingerprint_diff(calibrated, other)
+    assert problem.startswith("the calibration differs (windows_sha256: another text")

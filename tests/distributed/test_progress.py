@@ -8,7 +8,7 @@ import pytest
 
 from dist_pgkm.console import format_duration, quantize_progress, worker_summary_lines
 from dist_pgkm.distributed.plan import LayerJob
-from dist_pgkm.distributed.progress import ProgressSnapshot, RunTracker
+from dist_pgkm.distributed.progress import CalibrationStatus, ProgressSnapshot, RunTracker
 
 
 def _job(name: str, cost: float, n_weights: int) -> LayerJob:
@@ -123,3 +123,29 @@ def test_summary_lines_and_durations() -> None:
         "  slowest layers: big 6.0 s",
     ]
     assert [format_duration(x) for x in (None, 59.6, 3725)] == ["?", "1:00", "1:02:05"]
+
+
+def test_calibration_blocks_then_layers_in_the_log(clock: _Clock) -> None:
+    out = io.StringIO()
+    with quantize_progress(out) as listener:
+        t = RunTracker(JOBS[:1], listener=listener, clock=clock)
+        t.calibrating(CalibrationStatus(0, 3, 0.0, None))  # the model is built: no line yet
+        t.calibrating(CalibrationStatus(1, 3, 12_345.6, 20.0))
+        t.calibrating(CalibrationStatus(1, 3, 12_345.6, 20.0))  # the same block: no new line
+        t.calibrating(CalibrationStatus(2, 3, 10_000.0, 9.0))
+        snap = t.snapshot()
+        assert snap.description == "calibrating"
+        assert snap.calibration == CalibrationStatus(2, 3, 10_000.0, 9.0)
+        t.stage("quantizing")
+        assert t.snapshot().calibration is None
+        t.worker_ready("local", "this process")
+        t.dispatched(JOBS[0], "local")
+        clock.now += 2
+        t.finished(JOBS[0], "local", 2.0)
+    lines = out.getvalue().splitlines()
+    assert lines[:2] == [
+        "[calibration 1/3 blocks] 12,346 tokens/s · eta 0:20",
+        "[calibration 2/3 blocks] 10,000 tokens/s · eta 0:09",
+    ]
+    assert lines[2].startswith("[1/1] big 2.0 s on local")
+    assert len(lines) == 3

@@ -231,3 +231,23 @@ def test_eval_import_is_lean() -> None:
         [sys.executable, "-c", code], check=True, capture_output=True, text=True, timeout=120
     )
     assert json.loads(out.stdout.strip().splitlines()[-1]) == []
+
+
+def test_calibration_windows_are_the_calib_split_and_say_what_is_missing() -> None:
+    from dist_pgkm.eval import calibration_windows
+
+    text = "".join(chr(33 + i % 90) for i in range(1000))  # 1000 tokens: 15 windows of 64
+    windows = calibration_windows(CharTokenizer(), text, 7, 64)
+    assert torch.equal(
+        windows, windows_from_ids(torch.tensor([ord(c) for c in text]), 64, 7 * 64, "calib")
+    )
+    with pytest.raises(
+        InvalidInputError,
+        match=r"too short: 8 samples of 64 tokens need 1,024 tokens .* but it has 1,000 tokens, "
+        r"enough for 7 samples\. .*--calib-samples \(calibration\.samples\) to at most 7",
+    ):
+        calibration_windows(CharTokenizer(), text, 8, 64)
+    with pytest.raises(InvalidInputError, match=r"enough for 0 samples\. Pass a longer text"):
+        calibration_windows(CharTokenizer(), text[:100], 1, 64)
+    with pytest.raises(InvalidInputError, match="at least 1 window of at least 2 tokens"):
+        calibration_windows(CharTokenizer(), text, 0, 64)
