@@ -214,7 +214,10 @@ def _weight_bytes_fp16(model: Any) -> int:
     return 2 * sum(int(p.numel()) for p in model.parameters())
 
 
-def _rtn_row(evaluate: _Evaluator, bits: int) -> dict[str, Any]:
+def rtn_row(evaluate: _Evaluator, bits: int, convention: str = "ipq") -> dict[str, Any]:
+    """Per-group RTN at ``bits`` on every layer (``ipq``) or on the layers inside the model's
+    repeated blocks only (``llm``: embeddings and LM head kept)."""
+    from dist_pgkm.distributed.plan import in_repeated_block
     from dist_pgkm.models.layers import find_layers
     from dist_pgkm.models.source import open_source
 
@@ -224,6 +227,8 @@ def _rtn_row(evaluate: _Evaluator, bits: int) -> dict[str, Any]:
     n_weights = 0
     skipped = 0
     for layer in find_layers(open_source(evaluate.model_dir)):
+        if convention == "llm" and not in_repeated_block(layer.name):
+            continue
         module = modules[layer.name]
         if module.weight.shape[-1] % RTN_GROUP:
             skipped += 1
@@ -235,6 +240,7 @@ def _rtn_row(evaluate: _Evaluator, bits: int) -> dict[str, Any]:
     row = {
         "method": f"rtn-g{RTN_GROUP}",
         "preset": f"{bits}-bit",
+        "convention": convention,
         "bits_per_weight": bits + 32 / RTN_GROUP,
         "quantized_params": n_weights,
         "layers_kept_float": skipped,
@@ -247,18 +253,36 @@ def _rtn_row(evaluate: _Evaluator, bits: int) -> dict[str, Any]:
     return row
 
 
-def _quantize_row(
-    evaluate: _Evaluator, model_arg: str, preset: str, method: str, work: Path
+def quantize_row(
+    evaluate: _Evaluator,
+    model_arg: str,
+    config: Path,
+    method: str,
+    work: Path,
+    extra_args: Sequence[str] = (),
+    label: str | None = None,
 ) -> dict[str, Any]:
+    """Run ``dist-pgkm quantize`` with ``config`` in a child process, load and evaluate it.
+
+    Args:
+        evaluate: The model family's evaluator.
+        model_arg: Model argument of the command.
+        config: Config file.
+        method: Clustering method (``--method``).
+        work: Where the checkpoint and the run's JSON summary go (removed after evaluation).
+        extra_args: More arguments of the command (e.g. ``--calib wordnet``).
+        label: The row's ``preset`` (default: the config's file stem).
+    """
     import dist_pgkm
 
-    out = work / f"{evaluate.spec.name}-{Path(preset).stem}-{method}"
+    preset = label or config.stem
+    out = work / f"{evaluate.spec.name}-{preset}-{method}"
     shutil.rmtree(out, ignore_errors=True)
     summary_path = work / f"{out.name}.json"
     command = [
         sys.executable, "-m", "dist_pgkm.cli", "quantize", model_arg,
-        "--config", str(_CONFIGS / preset), "--method", method, "--out", str(out),
-        "--json", str(summary_path),
+        "--config", str(config), "--method", method, "--out", str(out),
+        "--json", str(summary_path), *extra_args,
     ]  # fmt: skip
     start = time.perf_counter()
     proc = subprocess.run(command, capture_output=True, text=True, check=False)
@@ -269,7 +293,7 @@ def _quantize_row(
     info = summary["checkpoint"]
     row = {
         "method": method,
-        "preset": Path(preset).stem,
+        "preset": preset,
         "bits_per_weight": info["bits_per_weight"],
         "model_bits_per_param": info["model_bits_per_param"],
         "compression_vs_fp16": info["compression_vs_fp16"],
@@ -371,9 +395,9 @@ def run_benchmark(
                 row.update(evaluate(model))
                 row["quantize_s"] = time.perf_counter() - t0
             elif preset == "rtn":
-                row = _rtn_row(evaluate, int(method))
+                row = rtn_row(evaluate, int(method))
             else:
-                row = _quantize_row(evaluate, name, preset, method, work)
+                row = quantize_row(evaluate, name, _CONFIGS / preset, method, work)
             row = {"model": name, **row}
             report.rows.append(row)
             if on_row is not None:

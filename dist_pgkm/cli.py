@@ -712,6 +712,9 @@ def _run_bench_ptq(args: argparse.Namespace) -> int:
     from dist_pgkm.bench import ptq  # type: ignore[import-not-found, unused-ignore]
     from dist_pgkm.bench.common import write_json  # type: ignore[import-not-found, unused-ignore]
 
+    if args.aware:
+        return _run_bench_aware(args)
+
     options = ptq.PTQOptions(
         quick=args.quick,
         models=args.models,
@@ -732,6 +735,30 @@ def _run_bench_ptq(args: argparse.Namespace) -> int:
     with _progress() as update:
         report = ptq.run_benchmark(options, progress=update, on_row=save)
     ptq.render_report(_stdout_console(), report)
+    save(report)
+    return 0
+
+
+def _run_bench_aware(args: argparse.Namespace) -> int:
+    from dist_pgkm.bench import aware  # type: ignore[import-not-found, unused-ignore]
+    from dist_pgkm.bench.common import write_json  # type: ignore[import-not-found, unused-ignore]
+
+    options = aware.AwareOptions(
+        quick=args.quick,
+        models=args.models,
+        work_dir=args.work_dir,
+        command=shlex.join(["dist-pgkm", *args.argv]),
+    )
+
+    def save(report: Any) -> None:  # after every case: a long run stopped midway keeps its rows
+        if args.json is not None:
+            write_json(args.json, report.as_dict())
+        if args.md is not None:
+            aware.write_markdown(args.md, report)
+
+    with _progress() as update:
+        report = aware.run_benchmark(options, progress=update, on_row=save)
+    aware.render_report(_stdout_console(), report)
     save(report)
     return 0
 
@@ -947,6 +974,15 @@ def _register_bench_ptq(subparsers: Subparsers, parents: list[argparse.ArgumentP
         "--quick",
         action="store_true",
         help="SmolLM2 at ptq-4bit with pgkm, 4-bit RTN and the original (~3-4 min)",
+    )
+    p.add_argument(
+        "--aware",
+        action="store_true",
+        help=(
+            "activation-aware PG k-means and each of its levers (calibration, scales, "
+            "row-group codebooks, outliers) at ~4/3/2 bits/weight in the LLM and iPQ "
+            "conventions, against plain PG k-means, faiss, fairseq-em and RTN"
+        ),
     )
     p.add_argument("--json", type=Path, metavar="PATH", help="write the report as JSON")
     p.add_argument(

@@ -101,8 +101,13 @@ class LayerQuantOptions(_Strict):
 
     @property
     def plain(self) -> bool:
-        """Whether these are the defaults (plain product quantization)."""
-        return self == LayerQuantOptions()
+        """Whether no lever is on (plain product quantization; ``scale_group`` is then unused)."""
+        return (
+            self.metric == "weight"
+            and self.scale == "none"
+            and self.codebook_rows == 0
+            and self.outliers == 0.0
+        )
 
     @property
     def needs_hessian(self) -> bool:

@@ -220,8 +220,7 @@ class MetricAssigner(Assigner):
         counts = torch.bincount(groups, minlength=metric.n_groups)
         ends = counts.cumsum(0)
         self._spans = [
-            (g, int(ends[g] - counts[g]), int(ends[g]))
-            for g in counts.nonzero().flatten().tolist()
+            (g, int(ends[g] - counts[g]), int(ends[g])) for g in counts.nonzero().flatten().tolist()
         ]
         self._searches = [TorchAssigner(self.whitened[s:e]) for _, s, e in self._spans]
 

@@ -1,0 +1,111 @@
+"""``dist-pgkm bench ptq --aware``: its cases, its configs, its targets and its tables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from dist_pgkm.bench import aware  # type: ignore[import-not-found, unused-ignore]
+from dist_pgkm.bench.common import section_markers  # type: ignore[import-not-found, unused-ignore]
+
+from dist_pgkm.config.quantize import load_config
+
+
+def test_every_level_has_a_preset_with_every_lever() -> None:
+    for level, preset in aware.LEVELS.items():
+        config = load_config(Path(aware.__file__).resolve().parents[1] / "configs" / preset)
+        assert config.convention == "llm"
+        assert config.needs_calibration, preset
+        rules = [r for r in config.rules if not r.skip]
+        assert rules, preset
+        # The ablation turns each lever on alone: the preset must use each of them somewhere
+        # at the ablation level.
+        if level == aware.ABLATION_LEVEL:
+            assert any(r.scale != "none" for r in rules)
+            assert any(r.codebook_rows for r in rules)
+            assert any(r.outliers > 0 for r in rules)
+
+
+def test_variants_switch_exactly_one_lever(tmp_path: Path) -> None:
+    level = aware.ABLATION_LEVEL
+    full = load_config(aware.variant_config(level, "llm", "all", tmp_path))
+    plain = load_config(aware.variant_config(level, "ipq", "plain", tmp_path))
+    assert plain.convention == "ipq"
+    assert all(r.plain for r in plain.rules if not r.skip)
+    assert not plain.needs_calibration
+    for variant, keys in aware.LEVERS.items():
+        config = load_config(aware.variant_config(level, "llm", variant, tmp_path))
+        for rule, ref in zip(config.rules, full.rules, strict=True):
+            if rule.skip:
+                continue
+            for key in ("metric", "scale", "codebook_rows", "outliers"):
+                expected = getattr(ref, key) if key in keys else aware.PLAIN[key]
+                assert getattr(rule, key) == expected, (variant, key)
+            # Block sizes and codebook sizes never change: the bits differ only by the lever.
+            assert (rule.block_size, rule.k) == (ref.block_size, ref.k)
+
+
+def test_cases_cover_the_issue() -> None:
+    cases = aware.cases(aware.AwareOptions())
+    smol = [c for c in cases if c.model == "smollm2-135m"]
+    for convention in ("llm", "ipq"):
+        for level in aware.LEVELS:
+            here = {
+                (c.variant, c.method)
+                for c in smol
+                if (c.convention, c.level) == (convention, level)
+            }
+            assert {("all", "pgkm"), ("plain", "pgkm"), ("plain", "faiss")} <= here
+            assert ("plain", "fairseq-em") in here
+            assert ("rtn", "rtn-g64") in here
+    ablation = {c.variant for c in smol if c.convention == "llm" and c.level == 3}
+    assert set(aware.LEVERS) <= ablation
+    mini = [c for c in cases if c.model == "minilm-l6" and c.variant == "all"]
+    assert {c.convention for c in mini} == {"llm", "ipq"}
+    assert cases[0].variant == "original"
+    assert len(aware.cases(aware.AwareOptions(quick=True))) == 3
+
+
+def _row(**values: Any) -> dict[str, Any]:
+    base = {"method": "pgkm", "convention": "llm", "level": 3, "bits_per_weight": 3.1}
+    return {**base, **values}
+
+
+def test_targets_from_rows() -> None:
+    rows = [
+        _row(model="smollm2-135m", variant="original", convention="-", level=0, ppl=17.0),
+        _row(model="smollm2-135m", variant="all", level=4, ppl=20.0),
+        _row(model="smollm2-135m", variant="all", level=3, ppl=40.0),
+        _row(model="smollm2-135m", variant="all", level=2, ppl=150.0),
+        _row(model="smollm2-135m", variant="rtn", level=3, ppl=200.0, method="rtn-g64"),
+        _row(model="minilm-l6", variant="original", convention="-", level=0, top1=0.25),
+        _row(model="minilm-l6", variant="all", top1=0.23),
+        _row(model="minilm-l6", variant="all", convention="ipq", top1=0.2),
+    ]
+    targets = {t.id: t for t in aware.compute_targets(rows)}
+    assert targets["ppl4"].measured == pytest.approx(20 / 17, abs=1e-3)
+    assert targets["ppl4"].met
+    assert not targets["ppl3"].met  # 40 / 17 = 2.35 > 2
+    assert targets["ppl2"].met  # 150 < 200
+    assert targets["minilm-llm"].met  # 0.92
+    assert not targets["minilm-ipq"].met  # 0.8
+    assert aware.compute_targets(rows[1:4]) == []  # no original yet: nothing judged
+
+
+def test_markdown_section(tmp_path: Path) -> None:
+    report = aware.AwareReport(
+        mode="full", command="dist-pgkm bench ptq --aware", machine={}, commit="abc", date="d"
+    )
+    report.rows = [
+        _row(model="smollm2-135m", variant="original", convention="-", level=0, ppl=17.0),
+        _row(model="smollm2-135m", variant="all", ppl=25.5, rel_sse=0.01, quantize_s=100.0),
+    ]
+    report.targets = aware.compute_targets(report.rows)
+    md = tmp_path / "b.md"
+    aware.write_markdown(md, report)
+    text = md.read_text()
+    start, end = section_markers("ptq-aware")
+    assert start in text
+    assert end in text
+    assert "| smollm2-135m | llm | ~3 | all | pgkm | 3.100 | 25.5 | 1.50 | 0.0100 | 100 |" in text
