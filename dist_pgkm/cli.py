@@ -278,7 +278,9 @@ def _run_quantize(args: argparse.Namespace) -> int:
     from dist_pgkm.console import quantize_progress, worker_summary_lines
     from dist_pgkm.distributed.coordinator import quantize_model
 
-    config = load_config(args.config, method=args.method, seed=args.seed)
+    config = load_config(
+        args.config, method=args.method, seed=args.seed, convention=args.convention
+    )
     config = _with_calibration(config, args.calib, args.calib_samples)
     model = _model_path(args.model)
     calib_ids = None
@@ -424,6 +426,15 @@ def _register_quantize(subparsers: Subparsers, parents: list[argparse.ArgumentPa
         "--method", choices=tuple(METHOD_OPTIONS), default=None, help="override the config's"
     )
     p.add_argument("--seed", type=_non_negative_int, default=None, help="override the config's")
+    p.add_argument(
+        "--convention",
+        choices=("ipq", "llm"),
+        default=None,
+        help=(
+            "override the config's: ipq quantizes every layer the rules select, llm only the "
+            "layers inside the model's repeated blocks (embeddings and LM head kept)"
+        ),
+    )
     p.add_argument(
         "--max-shard-size",
         type=_byte_size,
