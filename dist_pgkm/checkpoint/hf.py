@@ -14,8 +14,10 @@ transformers' own ``from_pretrained`` with the :class:`PGKMHfQuantizer` register
    (missing or unexpected), shape and dtype against the model before a byte is loaded;
 3. after transformers has assigned the tensors (by ``setattr``, bypassing
    ``_load_from_state_dict``), unpacks every ``codes`` buffer into the ``index`` the forward
-   uses, which checks that every code is below ``k_used``, and makes the tied layer share the
-   embedding's ``codes`` and ``index`` as well.
+   uses, which checks that every code is below ``k_used`` and that the scales and outliers are
+   well formed (finite; outliers sorted, distinct, inside the weight), and makes the tied layer
+   share the embedding's ``codes``, ``index`` and outliers as well (its scales, a Parameter,
+   are tied by transformers like the codebook).
 
 Non-persistent buffers (rotary ``inv_freq``, BERT ``position_ids``) are initialised by
 transformers as for any model. A bad checkpoint raises :class:`CheckpointError` naming the file,

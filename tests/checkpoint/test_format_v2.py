@@ -411,6 +411,15 @@ def test_dist_pgkm_load_is_the_reference_decode_bit_for_bit(
 ) -> None:
     model = dist_pgkm.load(built.out)
     _check_model(model, built, reference_logits)
+    # In half precision the codebooks, scales and outlier values take the model's dtype (the
+    # fp16 ones exactly) and the layers compute in it.
+    half = dist_pgkm.load(built.out, dtype=torch.float16)
+    assert half.model.embed_tokens.scales.dtype == torch.float16
+    assert half.model.embed_tokens.outlier_val.dtype == torch.float16
+    with torch.no_grad():
+        logits_half = half(IDS).logits.float()
+    scale = float(reference_logits.abs().max())  # ~90: fp16 keeps ~3 significant digits
+    torch.testing.assert_close(logits_half, reference_logits, atol=2e-3 * scale, rtol=0)
     dense = dist_pgkm.load(built.out, dense=True)
     assert not any(isinstance(m, PQModule) for m in dense.modules())
     assert dense.lm_head.weight is dense.model.embed_tokens.weight
