@@ -116,9 +116,8 @@ class Codebook:
                     f"codes range over [{low}, {high}] but the codebook has {k} codewords; they "
                     "were made for another codebook."
                 )
-        plain = self.centroids.dim() == 2 and self.scales is None and self.outlier_idx is None
         if self.shape is None:
-            if not plain:
+            if not self.plain:
                 raise InvalidInputError(
                     "a codebook with several books, scales or outliers needs the weight's shape "
                     "(shape=tuple(weight.shape)) to place every block in its row."
@@ -158,6 +157,11 @@ class Codebook:
     def n_books(self) -> int:
         return 1 if self.centroids.dim() == 2 else int(self.centroids.shape[0])
 
+    @property
+    def plain(self) -> bool:
+        """Plain product quantization: one codebook, no scales, no outliers."""
+        return self.centroids.dim() == 2 and self.scales is None and self.outlier_idx is None
+
     def check(self, n_blocks: int, block_size: int, name: str = "weight") -> None:
         """Check that this codebook fits a weight of ``n_blocks`` blocks of ``block_size``.
 
@@ -183,7 +187,7 @@ class Codebook:
 
     def __call__(self, blocks: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         centroids = self.centroids.detach().to(blocks.device)
-        if self.shape is None:  # plain product quantization
+        if self.plain:
             if self.codes is None:
                 points = blocks.detach().to(torch.float32).contiguous()  # (m, bs)
                 codes, _ = TorchAssigner(points).assign(centroids.to(torch.float32))
