@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,6 +68,12 @@ REMERGE = (
 """How to rebuild a merged checkpoint whose files are bad (said by every loader error)."""
 
 _SIDE_DTYPES = {"scales": "F16", "outlier_idx": "I32", "outlier_val": "F16"}
+# Shard header entries that are not integers: what they are, and how to read them.
+_HEADER_PARSERS: dict[str, tuple[str, Callable[[str], Any]]] = {
+    "shape": ("JSON", json.loads),
+    "kind": ("text", str),
+    "metric": ("text", str),
+}
 
 
 @dataclass(frozen=True)
@@ -295,16 +301,12 @@ class LayerSpec:
             )
         raw: dict[str, Any] = {}
         for key in (*LAYER_KEYS[version], "n_blocks"):
+            what, parse = _HEADER_PARSERS.get(key, ("an integer", int))
             text = meta.get(key)
-            what = (
-                "JSON" if key == "shape" else "text" if key in ("kind", "metric") else "an integer"
-            )
             try:
                 if text is None:
                     raise ValueError("missing")
-                raw[key] = (
-                    json.loads(text) if key == "shape" else text if what == "text" else int(text)
-                )
+                raw[key] = parse(text)
             except ValueError as exc:
                 raise CheckpointError(
                     f"{where}: header entry {key!r} is missing or not {what} ({text!r}). {fix}"
