@@ -568,7 +568,7 @@ def _run_inspect(args: argparse.Namespace) -> int:
     table = Table(title=str(args.dir))
     columns = ("layer", "shape", "bs", "K", "used", "extras", "bits/w", "rel SSE", "empty", "s")
     for column in columns:
-        table.add_column(column, justify="left" if column == "layer" else "right")
+        table.add_column(column, justify="left" if column in ("layer", "extras") else "right")
     for layer in info.layers:
         table.add_row(
             layer.name + (f" (+{', '.join(layer.tied)})" if layer.tied else ""),
