@@ -671,8 +671,9 @@ def _run_inspect(args: argparse.Namespace) -> int:
 
     info = describe(args.dir)
     table = Table(title=str(args.dir))
-    for column in ("layer", "shape", "bs", "K", "used", "bits/w", "rel SSE", "empty", "s"):
-        table.add_column(column, justify="left" if column == "layer" else "right")
+    columns = ("layer", "shape", "bs", "K", "used", "extras", "bits/w", "rel SSE", "empty", "s")
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("layer", "extras") else "right")
     for layer in info.layers:
         table.add_row(
             layer.name + (f" (+{', '.join(layer.tied)})" if layer.tied else ""),
@@ -680,6 +681,7 @@ def _run_inspect(args: argparse.Namespace) -> int:
             str(layer.block_size),
             str(layer.k),
             f"{layer.codeword_use:.0%}",
+            layer.extras,
             f"{layer.bits_per_weight:.3f}",
             "-" if layer.rel_sse is None else f"{layer.rel_sse:.4f}",
             "-" if layer.empty_final is None else f"{layer.empty_final}/{layer.empty_total}",
@@ -689,7 +691,7 @@ def _run_inspect(args: argparse.Namespace) -> int:
     console.print(table)
     console.print(
         f"{len(info.layers)} quantized layers, {info.quantized_params / 1e6:.2f}M weights at "
-        f"{info.bits_per_weight:.3f} bits/weight (codebooks included); "
+        f"{info.bits_per_weight:.3f} bits/weight (codebooks, scales and outliers included); "
         f"{info.float_params / 1e6:.2f}M float parameters ({_fmt_bytes(info.float_bytes)}); "
         f"checkpoint {_fmt_bytes(info.checkpoint_bytes)}, {info.model_bits_per_param:.3f} "
         f"bits/parameter, {info.compression_vs_fp16:.2f}x smaller than fp16. "

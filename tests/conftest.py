@@ -61,3 +61,14 @@ def run_cli(
         cwd=cwd,
         env={**os.environ, "COLUMNS": "200"},
     )
+
+
+def smollm2_weight(key: str, rows: int | None = None) -> torch.Tensor:
+    """A float32 weight of the real SmolLM2-135M (its first ``rows`` rows), via safetensors."""
+    from safetensors import safe_open
+
+    from dist_pgkm.models.offline import smollm2_dir
+
+    with safe_open(str(smollm2_dir() / "model.safetensors"), framework="pt") as f:
+        weight = f.get_slice(key)[:rows] if rows is not None else f.get_tensor(key)
+    return weight.to(torch.float32).contiguous()

@@ -14,8 +14,10 @@ transformers' own ``from_pretrained`` with the :class:`PGKMHfQuantizer` register
    (missing or unexpected), shape and dtype against the model before a byte is loaded;
 3. after transformers has assigned the tensors (by ``setattr``, bypassing
    ``_load_from_state_dict``), unpacks every ``codes`` buffer into the ``index`` the forward
-   uses, which checks that every code is below ``k_used``, and makes the tied layer share the
-   embedding's ``codes`` and ``index`` as well.
+   uses, which checks that every code is below ``k_used`` and that the scales and outliers are
+   well formed (finite; outliers sorted, distinct, inside the weight), and makes the tied layer
+   share the embedding's ``codes``, ``index`` and outliers as well (its scales, a Parameter,
+   are tied by transformers like the codebook).
 
 Non-persistent buffers (rotary ``inv_freq``, BERT ``position_ids``) are initialised by
 transformers as for any model. A bad checkpoint raises :class:`CheckpointError` naming the file,
@@ -27,7 +29,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import re
 import secrets
@@ -48,10 +49,16 @@ from transformers.quantizers.auto import (
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from dist_pgkm.checkpoint.shard import FORMAT_VERSION
+from dist_pgkm.checkpoint.spec import (
+    CENTROID_DTYPES,
+    FORMAT_VERSION,
+    READABLE_VERSIONS,
+    REMERGE,
+    TENSOR_SUFFIXES,
+    LayerSpec,
+)
 from dist_pgkm.errors import CheckpointError, InvalidInputError
 from dist_pgkm.pq.modules import PQConv2d, PQEmbedding, PQLinear, PQModule, pq_module_for
-from dist_pgkm.pq.pack import bits_for, packed_nbytes
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -74,7 +81,8 @@ QUANT_METHOD = "pgkm"
 """``quantization_config.quant_method`` of a dist-pgkm checkpoint."""
 
 HEADER_METADATA = {"quant_method": QUANT_METHOD, "dist_pgkm_format": FORMAT_VERSION}
-"""Entries every model file's safetensors ``__metadata__`` carries (besides ``format: pt``)."""
+"""Entries every model file's safetensors ``__metadata__`` carries (besides ``format: pt``);
+``dist_pgkm_format`` is the file's format version, that of ``quantization_config``."""
 
 KINDS: dict[str, type[PQModule]] = {
     "linear": PQLinear,
@@ -83,19 +91,17 @@ KINDS: dict[str, type[PQModule]] = {
 }
 """``quantization_config.layers[*].kind`` -> the PQ module that loads it."""
 
-_CENTROID_DTYPES = {"float16": "F16", "bfloat16": "BF16", "float32": "F32"}
 _FLOAT_DTYPES = {"F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2"}
-_SPEC_KEYS = ("kind", "shape", "block_size", "k", "k_used", "bits")
 _MAX_HEADER = 100 << 20  # safetensors' own limit on the JSON header
 _MAX_LISTED = 8  # problems listed in one error message
-_REMERGE = (
-    "delete the directory's model*.safetensors files and run the same `dist-pgkm quantize` "
-    "command again: it rewrites them and config.json from its verified per-layer shards"
-)
+_REMERGE = REMERGE
 _FIX = (
     "The weights do not match config.json: a file is truncated or was edited, or the two come "
     f"from different runs. To repair the checkpoint, {_REMERGE}."
 )
+# A PQ module's tensors besides its codebook that a tied layer shares after loading (only
+# Parameters can be tied by transformers: the codebook and the scales).
+_SHARED_BUFFERS = ("codes", "outlier_idx", "outlier_val")
 # Files of a checkpoint directory that export_dense does not copy: save_pretrained writes its
 # own, and the run's bookkeeping describes the quantized model, not the dense one.
 _NOT_EXPORTED = {
@@ -113,69 +119,6 @@ _WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin", ".bin.ind
 # quantization_config
 
 
-@dataclass(frozen=True)
-class LayerSpec:
-    """One entry of ``quantization_config.layers`` (docs/format.md), validated."""
-
-    kind: str
-    shape: tuple[int, ...]
-    block_size: int
-    k: int
-    k_used: int
-    bits: int
-
-    @property
-    def n_blocks(self) -> int:
-        """Number of codes."""
-        return math.prod(self.shape) // self.block_size
-
-    @property
-    def packed_bytes(self) -> int:
-        """Length of the packed ``codes`` tensor."""
-        return packed_nbytes(self.n_blocks, self.bits)
-
-    @classmethod
-    def parse(cls, name: str, raw: object) -> LayerSpec:
-        """Validate a ``layers`` entry of config.json.
-
-        Raises:
-            CheckpointError: A key is missing or unknown, or the numbers are inconsistent.
-        """
-
-        def fail(problem: str) -> CheckpointError:
-            return CheckpointError(
-                f"config.json: quantization_config.layers[{name!r}]: {problem}. The config was "
-                f"edited or written by another tool; to rewrite it, {_REMERGE}."
-            )
-
-        if not isinstance(raw, Mapping) or set(raw) != set(_SPEC_KEYS):
-            keys = sorted(raw) if isinstance(raw, Mapping) else type(raw).__name__
-            raise fail(f"expected the keys {list(_SPEC_KEYS)}, found {keys}")
-        ints = {key: raw[key] for key in ("block_size", "k", "k_used", "bits")}
-        shape = raw["shape"]
-        if any(type(v) is not int or v < 1 for v in ints.values()):
-            raise fail(f"block_size, k, k_used and bits must be positive integers, got {ints}")
-        if not isinstance(shape, list) or any(type(s) is not int or s < 1 for s in shape):
-            raise fail(f"shape must be a list of positive integers, got {shape!r}")
-        kind = raw["kind"]
-        if kind not in KINDS:
-            raise fail(f"kind {kind!r} is not one of {sorted(KINDS)}")
-        if len(shape) != (4 if kind == "conv2d" else 2):
-            raise fail(f"a {kind} weight cannot have shape {shape}")
-        spec = cls(kind, tuple(shape), **ints)
-        if math.prod(spec.shape) % spec.block_size:
-            raise fail(f"blocks of {spec.block_size} cannot tile a weight of shape {shape}")
-        if spec.k_used > spec.k:
-            raise fail(f"k_used {spec.k_used} exceeds k {spec.k}")
-        try:
-            bits = bits_for(spec.k_used)
-        except InvalidInputError as exc:
-            raise fail(str(exc)) from exc
-        if spec.bits != bits:
-            raise fail(f"bits is {spec.bits}, but codes of {spec.k_used} codewords take {bits}")
-        return spec
-
-
 class PGKMConfig(QuantizationConfigMixin):
     """transformers' view of ``config.json`` → ``quantization_config`` (docs/format.md).
 
@@ -184,7 +127,8 @@ class PGKMConfig(QuantizationConfigMixin):
 
     Args:
         quant_method: Must be ``"pgkm"``.
-        format_version: Must be this dist-pgkm's format version (1).
+        format_version: A format version this dist-pgkm reads (1 or 2); kept, so that a model
+            loaded from a format-1 checkpoint saves as format 1 (which can hold it).
         centroid_dtype: ``float16``, ``bfloat16`` or ``float32``: dtype of every stored codebook.
         method: Clustering method that produced the codebooks (informative).
         layers: Quantized module name -> its :class:`LayerSpec` fields.
@@ -204,26 +148,26 @@ class PGKMConfig(QuantizationConfigMixin):
         tied: Mapping[str, str] | None = None,
         **unknown: Any,
     ) -> None:
-        if format_version != int(FORMAT_VERSION) or type(format_version) is not int:
+        if type(format_version) is not int or str(format_version) not in READABLE_VERSIONS:
             raise CheckpointError(
                 f"config.json: quantization_config.format_version is {format_version!r}; this "
-                f"dist-pgkm reads format {FORMAT_VERSION}. Load it with the dist-pgkm version "
-                "that wrote it, or quantize the source model again with this one."
+                f"dist-pgkm reads formats {' and '.join(READABLE_VERSIONS)}. Load it with the "
+                "dist-pgkm version that wrote it, or quantize the source model again with this one."
             )
         if unknown:
             raise CheckpointError(
                 f"config.json: quantization_config has unknown keys {sorted(unknown)} for format "
-                f"{FORMAT_VERSION}. Remove them, or use the dist-pgkm version that wrote them."
+                f"{format_version}. Remove them, or use the dist-pgkm version that wrote them."
             )
         if quant_method != QUANT_METHOD:
             raise CheckpointError(
                 f"config.json: quantization_config.quant_method is {quant_method!r}, not "
                 f"{QUANT_METHOD!r}: this is not a dist-pgkm checkpoint."
             )
-        if centroid_dtype not in _CENTROID_DTYPES:
+        if centroid_dtype not in CENTROID_DTYPES:
             raise CheckpointError(
                 f"config.json: quantization_config.centroid_dtype {centroid_dtype!r} is not one "
-                f"of {sorted(_CENTROID_DTYPES)}. To rewrite it, {_REMERGE}."
+                f"of {sorted(CENTROID_DTYPES)}. To rewrite it, {_REMERGE}."
             )
         # transformers looks quantizers up by this string; its QuantizationMethod enum is closed.
         self.quant_method = QUANT_METHOD  # type: ignore[assignment]
@@ -242,8 +186,26 @@ class PGKMConfig(QuantizationConfigMixin):
                 )
 
     def specs(self) -> dict[str, LayerSpec]:
-        """The validated :class:`LayerSpec` of every quantized layer, by checkpoint name."""
-        return {name: LayerSpec.parse(name, raw) for name, raw in self.layers.items()}
+        """The validated :class:`LayerSpec` of every quantized layer, by checkpoint name.
+
+        Raises:
+            CheckpointError: A key is missing or unknown, or the numbers are inconsistent.
+        """
+        fix = f"The config was edited or written by another tool; to rewrite it, {_REMERGE}."
+        return {
+            name: LayerSpec.parse(
+                raw,
+                str(self.format_version),
+                f"config.json: quantization_config.layers[{name!r}]",
+                fix,
+            )
+            for name, raw in self.layers.items()
+        }
+
+    @property
+    def header_metadata(self) -> dict[str, str]:
+        """The ``__metadata__`` entries of this checkpoint's model files."""
+        return {"quant_method": QUANT_METHOD, "dist_pgkm_format": str(self.format_version)}
 
     def to_dict(self) -> dict[str, Any]:
         """The ``quantization_config`` entry of config.json."""
@@ -292,18 +254,26 @@ def _read_header(path: Path) -> tuple[dict[str, str], dict[str, _TensorInfo]]:
     return {str(k): str(v) for k, v in meta.items()}, tensors
 
 
-def _read_headers(files: Iterable[str | os.PathLike[str]]) -> dict[str, _TensorInfo]:
-    """Every tensor of a (possibly sharded) checkpoint, after checking each file's metadata."""
+def _read_headers(
+    files: Iterable[str | os.PathLike[str]], expected: Mapping[str, str]
+) -> dict[str, _TensorInfo]:
+    """Every tensor of a (possibly sharded) checkpoint, after checking each file's metadata.
+
+    Args:
+        files: The model files.
+        expected: The ``__metadata__`` entries each must carry (those of its config's format).
+    """
     tensors: dict[str, _TensorInfo] = {}
     for file in files:
         path = Path(file)
         meta, infos = _read_header(path)
-        wrong = {k: meta.get(k) for k, v in HEADER_METADATA.items() if meta.get(k) != v}
+        wrong = {k: meta.get(k) for k, v in expected.items() if meta.get(k) != v}
         if wrong:
             raise CheckpointError(
-                f"{path}: the header metadata has {wrong}, a dist-pgkm checkpoint of format "
-                f"{FORMAT_VERSION} has {HEADER_METADATA}. The file was written by another tool "
-                f"or version; to rewrite it, {_REMERGE}."
+                f"{path}: the header metadata has {wrong}, a dist-pgkm checkpoint whose "
+                f"config.json says format {expected.get('dist_pgkm_format')} has "
+                f"{dict(expected)}. The file was written by another tool or version, or belongs "
+                f"to another run; to rewrite it, {_REMERGE}."
             )
         tensors.update(infos)
     return tensors
@@ -383,7 +353,7 @@ class PGKMHfQuantizer(HfQuantizer):
         headers = None
         if checkpoint_files:
             self._where = str(Path(checkpoint_files[0]).parent)
-            headers = _read_headers(checkpoint_files)
+            headers = _read_headers(checkpoint_files, self.quantization_config.header_metadata)
             self._files = {key: info.file for key, info in headers.items()}
         strict = self._strict(model)
         self._place_modules(model, strict)
@@ -401,7 +371,8 @@ class PGKMHfQuantizer(HfQuantizer):
             module = model.get_submodule(name)
             assert isinstance(module, PQModule), name
             file = self._files.get(f"{layer}.codes", self._where)
-            if module.centroids.is_meta or module.codes.is_meta:
+            tensors = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+            if any(t.is_meta for t in tensors if t is not module.index):
                 raise CheckpointError(f"{file}: layer {layer} was not loaded. {_FIX}")
             try:
                 module.refresh_index()
@@ -449,14 +420,21 @@ class PGKMHfQuantizer(HfQuantizer):
     def get_state_dict_and_metadata(
         self, model: PreTrainedModel
     ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-        """The format's state dict: codebooks in ``centroid_dtype``, tied layers left out."""
+        """The format's state dict: codebooks in ``centroid_dtype``, scales and outlier values
+        in fp16, outlier indices int32, tied layers left out; the format of the loaded
+        checkpoint (a format-1 model has nothing format 1 cannot hold)."""
         dtype = getattr(torch, self.quantization_config.centroid_dtype)
+        stored = {"centroids": dtype, "scales": torch.float16, "outlier_val": torch.float16}
+        stored["outlier_idx"] = torch.int32
         state: dict[str, torch.Tensor] = model.state_dict()
         for target in self.ties:
-            del state[f"{target}.centroids"], state[f"{target}.codes"]
+            for suffix in TENSOR_SUFFIXES:
+                state.pop(f"{target}.{suffix}", None)
         for name in self.placed:
-            state[f"{name}.centroids"] = state[f"{name}.centroids"].to(dtype)
-        return state, dict(HEADER_METADATA)
+            for suffix, suffix_dtype in stored.items():
+                if f"{name}.{suffix}" in state:
+                    state[f"{name}.{suffix}"] = state[f"{name}.{suffix}"].to(suffix_dtype)
+        return state, self.quantization_config.header_metadata
 
     def is_serializable(self) -> bool:
         return True
@@ -531,14 +509,40 @@ class PGKMHfQuantizer(HfQuantizer):
                 f"belongs to another model; to rewrite it, {_REMERGE}."
             )
         assert weight is not None
-        pq = cls.for_loading(module, spec.k_used, spec.block_size)
-        # The codebook takes the dtype the float weight has, so that transformers casts it as it
-        # would have cast that weight: float32 models load fp16/bf16 codebooks exactly, and a
-        # half-precision model gets half-precision PQ outputs, as its other layers expect.
+        pq = cls.for_loading(
+            module,
+            spec.k_used,
+            spec.block_size,
+            codebook_rows=spec.codebook_rows,
+            scale_group=spec.scale_group,
+            n_outliers=spec.n_outliers,
+        )
+        # The codebook, scales and outlier values take the dtype the float weight has, so that
+        # transformers casts them as it would have cast that weight: float32 models load fp16/
+        # bf16 values exactly, and a half-precision model gets half-precision PQ outputs, as
+        # its other layers expect.
         pq.centroids = nn.Parameter(
             torch.empty(pq.centroids.shape, dtype=weight.dtype, device="meta")
         )
+        if pq.scales is not None:
+            pq.scales = nn.Parameter(
+                torch.empty(pq.scales.shape, dtype=weight.dtype, device="meta")
+            )
+        if pq.outlier_val is not None:
+            pq.outlier_val = torch.empty(pq.outlier_val.shape, dtype=weight.dtype, device="meta")
         _set_submodule(model, name, pq)
+
+    def _tied_keys(self, parameters: bool) -> dict[str, str]:
+        """A tied PQ module's key -> the key it shares, for every tie: its Parameters (codebook
+        and scales, which transformers ties) or its buffers (shared after loading)."""
+        specs = self.quantization_config.specs()
+        dtype = self.quantization_config.centroid_dtype
+        keys: dict[str, str] = {}
+        for target, source in self.ties.items():
+            for suffix in specs[self.placed[source]].tensors(dtype):
+                if (suffix in ("centroids", "scales")) == parameters:
+                    keys[f"{target}.{suffix}"] = f"{source}.{suffix}"
+        return keys
 
     def _rewrite_ties(self, model: PreTrainedModel) -> None:
         """Tie codebooks instead of ``weight`` properties, in transformers' own mapping."""
@@ -576,19 +580,20 @@ class PGKMHfQuantizer(HfQuantizer):
         if kept == old:
             return
         # Read while loading (`mark_tied_weights_as_initialized` asks for Parameters, so only the
-        # codebook goes here; the tied `codes` buffer is shared after loading).
-        tied = dict(kept) | {f"{t}.centroids": f"{s}.centroids" for t, s in self.ties.items()}
+        # codebook and scales go here; the tied buffers, `codes` and the outliers, are shared
+        # after loading).
+        tied = dict(kept) | self._tied_keys(parameters=True)
         model.all_tied_weights_keys = tied
         # Read by `tie_weights()` when it recomputes the mapping and by `save_pretrained`: the
         # whole mapping, at the top, as exact patterns (sub-models' entries are already in it).
-        tied_and_codes = tied | {f"{t}.codes": f"{s}.codes" for t, s in self.ties.items()}
+        tied_and_codes = tied | self._tied_keys(parameters=False)
         for prefix, module in model.named_modules():
             if isinstance(module, PreTrainedModel):
                 saved = module.__dict__.get("_tied_weights_keys", _UNSET)
                 self._saved_tied_keys.append((module, saved))
                 patterns = {_exact(t): _exact(s) for t, s in tied_and_codes.items()}
                 module._tied_weights_keys = {} if prefix else patterns
-        self._ignored_missing = {_exact(f"{t}.codes") for t in self.ties}
+        self._ignored_missing = {_exact(t) for t in self._tied_keys(parameters=False)}
         ignored = set(model._keys_to_ignore_on_load_missing or ())
         model._keys_to_ignore_on_load_missing = ignored | self._ignored_missing
 
@@ -629,13 +634,10 @@ class PGKMHfQuantizer(HfQuantizer):
         problems: list[str] = []
         pq_keys: set[str] = set()
         specs = self.quantization_config.specs()
-        want_dtype = _CENTROID_DTYPES[self.quantization_config.centroid_dtype]
+        centroid_dtype = self.quantization_config.centroid_dtype
         for name, layer in self.placed.items():
             spec = specs[layer]
-            for param, dtype, shape in (
-                ("centroids", want_dtype, (spec.k_used, spec.block_size)),
-                ("codes", "U8", (spec.packed_bytes,)),
-            ):
+            for param, (dtype, shape) in spec.tensors(centroid_dtype).items():
                 pq_keys.add(f"{name}.{param}")
                 stored = found.get(f"{name}.{param}")
                 if stored is None:
@@ -645,7 +647,9 @@ class PGKMHfQuantizer(HfQuantizer):
                     problems.append(
                         f"{info.file}: {stored} is {info.dtype} {list(info.shape)}, but layer "
                         f"{layer} (k_used={spec.k_used}, block_size={spec.block_size}, "
-                        f"bits={spec.bits}) needs {dtype} {list(shape)}"
+                        f"bits={spec.bits}, codebook_rows={spec.codebook_rows}, scale_group="
+                        f"{spec.scale_group}, n_outliers={spec.n_outliers}) needs {dtype} "
+                        f"{list(shape)}"
                     )
         for model_key, key in found.items():
             info, ref = headers[key], expected[model_key]
@@ -679,7 +683,7 @@ class PGKMHfQuantizer(HfQuantizer):
     def _missing(self, model: PreTrainedModel, absent: set[str], present: set[str]) -> set[str]:
         """Absent keys that are neither tied to a present one nor ignored by the model."""
         ties = dict(model.all_tied_weights_keys)
-        ties |= {f"{t}.codes": f"{s}.codes" for t, s in self.ties.items()}
+        ties |= self._tied_keys(parameters=False)
         ignored = getattr(model, "_keys_to_ignore_on_load_missing", None) or set()
         pattern = re.compile("|".join(f"({p})" for p in ignored)) if ignored else None
         missing = set()
@@ -773,16 +777,20 @@ def _read_config(path: Path) -> dict[str, Any]:
 
 
 def _default_dtype(config: Mapping[str, Any], files: list[Path]) -> torch.dtype:
-    """The source's dtype: config.json's, else that of most float tensors besides codebooks.
+    """The source's dtype: config.json's, else that of most float tensors besides the quantized
+    layers' (codebooks, scales, outlier values).
 
     (transformers' ``dtype="auto"`` would take the first float tensor, maybe a codebook.)
     """
     name = config.get("dtype") or config.get("torch_dtype")
     if isinstance(name, str) and isinstance(getattr(torch, name, None), torch.dtype):
         return getattr(torch, name)  # type: ignore[no-any-return]
+    qconfig = config["quantization_config"]
+    expected = {"quant_method": QUANT_METHOD, "dist_pgkm_format": str(qconfig["format_version"])}
+    quantized = {f"{layer}.{suffix}" for layer in qconfig["layers"] for suffix in TENSOR_SUFFIXES}
     counts: dict[str, int] = {}
-    for key, info in _read_headers(files).items():
-        if info.dtype in _FLOAT_DTYPES and not key.endswith(".centroids"):
+    for key, info in _read_headers(files, expected).items():
+        if info.dtype in _FLOAT_DTYPES and key not in quantized:
             counts[info.dtype] = counts.get(info.dtype, 0) + 1
     if not counts:
         return torch.float32

@@ -15,12 +15,12 @@ from typing import Any
 
 from dist_pgkm.checkpoint.manifest import MANIFEST_NAME
 from dist_pgkm.checkpoint.merge import read_shard_header
+from dist_pgkm.checkpoint.shard import layer_spec
+from dist_pgkm.checkpoint.spec import CENTROID_DTYPES, REMERGE, TENSOR_SUFFIXES, LayerSpec
 from dist_pgkm.errors import CheckpointError
 from dist_pgkm.utils.dtypes import element_bytes
 
 __all__ = ["CheckpointSummary", "LayerSummary", "describe"]
-
-_CENTROID_BITS = {"float16": 16, "bfloat16": 16, "float32": 32}
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,11 @@ class LayerSummary:
     code_bytes: int
     codebook_bytes: int
     bits_per_weight: float
+    codebook_rows: int
+    scale_group: int
+    n_outliers: int
+    side_bytes: int  # scales and outliers
+    metric: str
     sse: float | None
     weight_sq: float | None
     empty_after_init: int | None
@@ -52,6 +57,21 @@ class LayerSummary:
         if self.sse is None or not self.weight_sq:
             return None
         return self.sse / self.weight_sq
+
+    @property
+    def extras(self) -> str:
+        """The layer's options beyond one codebook, for tables: books, scales, outliers."""
+        parts = []
+        if self.codebook_rows:
+            parts.append(f"book per {self.codebook_rows} rows")
+        if self.scale_group:
+            width = self.n_weights // self.shape[0]
+            parts.append(
+                "row scales" if self.scale_group == width else f"scale per {self.scale_group}"
+            )
+        if self.n_outliers:
+            parts.append(f"{self.n_outliers} outliers")
+        return ", ".join(parts) or "-"
 
     @property
     def codeword_use(self) -> float:
@@ -75,7 +95,10 @@ class CheckpointSummary:
 
     @property
     def quantized_bytes(self) -> int:
-        return sum(layer.code_bytes + layer.codebook_bytes for layer in self.layers)
+        """Bytes of the quantized layers: codes, codebooks, scales and outliers."""
+        return sum(
+            layer.code_bytes + layer.codebook_bytes + layer.side_bytes for layer in self.layers
+        )
 
     @property
     def params(self) -> int:
@@ -83,8 +106,10 @@ class CheckpointSummary:
 
     @property
     def bits_per_weight(self) -> float:
-        """Bits per quantized weight, codebooks included."""
-        return 8 * self.quantized_bytes / max(1, self.quantized_params)
+        """Bits per quantized weight, codebooks, scales and outliers included: the layers'
+        :attr:`LayerSummary.bits_per_weight` averaged over their weights."""
+        bits = sum(layer.bits_per_weight * layer.n_weights for layer in self.layers)
+        return bits / max(1, self.quantized_params)
 
     @property
     def model_bits_per_param(self) -> float:
@@ -160,43 +185,47 @@ def describe(path: str | Path) -> CheckpointSummary:
     centroid_dtype = qconfig.get(
         "centroid_dtype", manifest.get("fingerprint", {}).get("config", {}).get("centroid_dtype")
     )
+    if centroid_dtype not in CENTROID_DTYPES:
+        raise CheckpointError(
+            f"{path}: centroid_dtype {centroid_dtype!r} is not one of {sorted(CENTROID_DTYPES)}; "
+            f"config.json or {MANIFEST_NAME} was edited. To rewrite them, {REMERGE}."
+        )
+    version = str(qconfig.get("format_version", ""))
     summary = CheckpointSummary(path, qconfig.get("method", "?"))
     tied = qconfig.get("tied", {})
     for name in sorted(set(qconfig.get("layers", {})) | set(records), key=_natural):
-        spec = qconfig.get("layers", {}).get(name)
+        raw = qconfig.get("layers", {}).get(name)
+        spec: LayerSpec | None = None
+        if raw is not None:
+            where = f"{config_path}: quantization_config.layers[{name!r}]"
+            spec = LayerSpec.parse(raw, version, where, f"To rewrite it, {REMERGE}.")
         stats: dict[str, Any] = {}
         record = records.get(name)
         if record is not None and (path / record["shard"]).is_file():
             meta, _ = read_shard_header(path / record["shard"])
             stats = json.loads(meta.get("stats", "{}"))
             if spec is None:
-                spec = {
-                    "kind": meta["kind"],
-                    "shape": json.loads(meta["shape"]),
-                    "block_size": int(meta["block_size"]),
-                    "k": int(meta["k"]),
-                    "k_used": int(meta["k_used"]),
-                    "bits": int(meta["bits"]),
-                }
+                spec = layer_spec(meta, str(path / record["shard"]))
         if spec is None:
             continue
-        n_weights = math.prod(spec["shape"])
-        n_blocks = n_weights // spec["block_size"]
-        code_bytes = (n_blocks * spec["bits"] + 7) // 8
-        book_bytes = spec["k_used"] * spec["block_size"] * _CENTROID_BITS[centroid_dtype] // 8
         summary.layers.append(
             LayerSummary(
                 name=name,
-                kind=spec["kind"],
-                shape=tuple(spec["shape"]),
-                block_size=spec["block_size"],
-                k=spec["k"],
-                k_used=spec["k_used"],
-                bits=spec["bits"],
-                n_weights=n_weights,
-                code_bytes=code_bytes,
-                codebook_bytes=book_bytes,
-                bits_per_weight=8 * (code_bytes + book_bytes) / n_weights,
+                kind=spec.kind,
+                shape=spec.shape,
+                block_size=spec.block_size,
+                k=spec.k,
+                k_used=spec.k_used,
+                bits=spec.bits,
+                n_weights=spec.n_weights,
+                code_bytes=spec.code_bytes(),
+                codebook_bytes=spec.codebook_bytes(centroid_dtype),
+                bits_per_weight=spec.bits_per_weight(centroid_dtype),
+                codebook_rows=spec.codebook_rows,
+                scale_group=spec.scale_group,
+                n_outliers=spec.n_outliers,
+                side_bytes=spec.side_bytes(),
+                metric=spec.metric,
                 sse=stats.get("sse"),
                 weight_sq=stats.get("weight_sq"),
                 empty_after_init=stats.get("empty_after_init"),
@@ -211,7 +240,7 @@ def describe(path: str | Path) -> CheckpointSummary:
         from safetensors import safe_open
 
         quantized_keys = {
-            f"{layer.name}.{s}" for layer in summary.layers for s in ("centroids", "codes")
+            f"{layer.name}.{suffix}" for layer in summary.layers for suffix in TENSOR_SUFFIXES
         }
         for file in files:
             summary.checkpoint_bytes += file.stat().st_size

@@ -7,7 +7,6 @@ so memory holds one tensor at a time. The layout is docs/format.md.
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from collections.abc import Callable, Sequence
@@ -18,7 +17,8 @@ from typing import Any
 import torch
 
 from dist_pgkm.checkpoint.atomic import atomic_open, atomic_write_json
-from dist_pgkm.checkpoint.shard import FORMAT_VERSION
+from dist_pgkm.checkpoint.shard import FORMAT_VERSION, layer_spec
+from dist_pgkm.checkpoint.spec import CENTROID_DTYPES
 from dist_pgkm.checkpoint.writer import Entry, plan_files, write_safetensors
 from dist_pgkm.errors import CheckpointError
 from dist_pgkm.models.source import ModelSource
@@ -74,23 +74,28 @@ def _shard_reader(path: Path, key: str) -> Callable[[], torch.Tensor]:
 
 
 def _layer_entry(layer: QuantizedLayer) -> tuple[list[Entry], dict[str, Any]]:
+    """The merged file's entries of one layer (its shard's tensors, in the format's order) and
+    its ``quantization_config.layers`` entry. A format-1 shard (of a resumed run) merges into
+    format 2 unchanged: its layer has no books, scales or outliers."""
     meta, info = read_shard_header(layer.shard)
+    spec = layer_spec(meta, str(layer.shard))
+    centroid_dtype = meta.get("centroid_dtype", "")
+    if centroid_dtype not in CENTROID_DTYPES:
+        raise CheckpointError(
+            f"{layer.shard}: header entry centroid_dtype is {centroid_dtype!r}. Delete the shard "
+            "and run again to redo the layer."
+        )
+    expected = spec.tensors(centroid_dtype)
     entries = []
-    for suffix in ("centroids", "codes"):
+    for suffix, (dtype_name, shape) in expected.items():
         key = f"{layer.name}.{suffix}"
-        if key not in info:
-            raise CheckpointError(f"{layer.shard}: no tensor {key}. Delete the shard; run again.")
-        dtype, shape = info[key]
-        entries.append(Entry(key, dtype, shape, _shard_reader(layer.shard, key)))
-    spec = {
-        "kind": meta.get("kind", "linear"),
-        "shape": json.loads(meta["shape"]),
-        "block_size": int(meta["block_size"]),
-        "k": int(meta.get("k", meta["k_used"])),
-        "k_used": int(meta["k_used"]),
-        "bits": int(meta["bits"]),
-    }
-    return entries, spec
+        if info.get(key) != (SAFETENSORS_DTYPES[dtype_name], shape):
+            raise CheckpointError(
+                f"{layer.shard}: tensor {key} is {info.get(key)}, its header describes "
+                f"{dtype_name} {list(shape)}. Delete the shard and run again to redo the layer."
+            )
+        entries.append(Entry(key, *info[key], _shard_reader(layer.shard, key)))
+    return entries, spec.to_config()
 
 
 def merge_checkpoint(

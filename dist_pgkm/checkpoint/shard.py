@@ -1,35 +1,86 @@
 """One quantized layer as one safetensors shard, written atomically and verified on read.
 
-A shard holds ``<name>.centroids`` (``(k_used, block_size)``, fp16 unless configured) and
-``<name>.codes`` (``uint8``, bit-packed at ``ceil(log2 k_used)`` bits), and its header carries
-string metadata: format version, weight shape, block size, k_used, bits per code and the
-number of blocks. Nothing is pickled. Reading checks the sha256 (when the caller knows it), the
-header, every shape and dtype and the code range before any tensor is used.
+A shard holds ``<name>.centroids`` (``(k_used, block_size)``, or ``(n_books, k_used,
+block_size)`` with one codebook per ``codebook_rows`` output rows; fp16 unless configured),
+``<name>.codes`` (``uint8``, bit-packed at ``ceil(log2 k_used)`` bits) and, when the layer has
+them, ``<name>.scales`` (F16), ``<name>.outlier_idx`` (I32) and ``<name>.outlier_val`` (F16).
+Its header carries string metadata: format version, weight shape, block size, k_used, bits per
+code, the number of blocks, codebook rows, scale group, outlier count and metric
+(:class:`~dist_pgkm.checkpoint.spec.LayerSpec`). Nothing is pickled. Reading checks the sha256
+(when the caller knows it), the header, every tensor's presence, shape and dtype, the code
+range, the scales and the outliers before any tensor is used; format-1 shards still read.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import math
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from dist_pgkm.checkpoint.spec import CENTROID_DTYPES, FORMAT_VERSION, LayerSpec
 from dist_pgkm.errors import CheckpointError, InvalidInputError
-from dist_pgkm.pq.pack import bits_for, pack_codes, packed_nbytes, unpack_codes
+from dist_pgkm.kmeans.types import KMeansStats
+from dist_pgkm.pq.layout import side_problems
+from dist_pgkm.pq.pack import bits_for, pack_codes, unpack_codes
 from dist_pgkm.pq.quantize import QuantizedWeight
+from dist_pgkm.utils.dtypes import SAFETENSORS_DTYPES
 
 __all__ = [
     "FORMAT_VERSION",
     "decode_layer",
     "encode_layer",
     "file_sha256",
+    "layer_spec",
     "read_shard",
     "write_shard",
 ]
 
-FORMAT_VERSION = "1"
-_CENTROID_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+_TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+_SHARD_FIX = "The shard is inconsistent; delete it and run again to redo the layer."
+
+
+def _spec_of(q: QuantizedWeight, kind: str, k: int | None, name: str) -> LayerSpec:
+    """The format's description of ``q``, after checking that its parts fit together."""
+    shape = tuple(int(s) for s in q.shape)
+    out = shape[0]
+    width = math.prod(shape[1:])
+    problems = side_problems(shape, q.scales, q.outlier_idx, q.outlier_val)
+    if q.codebook_rows:
+        books_fit = q.centroids.dim() == 3 and q.n_books * q.codebook_rows == out
+    else:
+        books_fit = q.centroids.dim() == 2
+    if not books_fit:
+        problems.append(
+            f"centroids {tuple(q.centroids.shape)} do not hold one book per codebook_rows="
+            f"{q.codebook_rows} of the {out} rows"
+        )
+    if (q.scales is None) != (q.scale_group == 0) or (
+        q.scales is not None and q.scales.shape[-1] * q.scale_group != width
+    ):
+        problems.append(f"scale_group {q.scale_group} does not match scales {_dims(q.scales)}")
+    if problems:
+        raise InvalidInputError(f"{name}: cannot encode the layer: {'; '.join(problems)}.")
+    return LayerSpec(
+        kind=kind,
+        shape=shape,
+        block_size=q.block_size,
+        k=q.k_used if k is None else k,
+        k_used=q.k_used,
+        bits=bits_for(q.k_used),
+        codebook_rows=q.codebook_rows,
+        scale_group=q.scale_group,
+        n_outliers=q.n_outliers,
+        metric=q.metric,
+    )
+
+
+def _dims(t: torch.Tensor | None) -> tuple[int, ...] | None:
+    return None if t is None else tuple(t.shape)
 
 
 def encode_layer(
@@ -39,106 +90,144 @@ def encode_layer(
     kind: str = "linear",
     k: int | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and header metadata of one quantized layer (docs/format.md).
+    """Tensors and header metadata of one quantized layer (docs/format.md, format 2).
 
     Args:
         name: Module name of the layer.
-        q: The quantized weight.
-        centroid_dtype: Storage dtype of the codebook.
+        q: The quantized weight (scales and outliers are stored in fp16, outlier indices as
+            int32; :func:`~dist_pgkm.pq.quantize.quantize_weight` makes them fp16-exact).
+        centroid_dtype: Storage dtype of the codebook(s).
         kind: ``linear``, ``embedding`` or ``conv2d``.
         k: Requested codebook size (default: the stored one).
+
+    Raises:
+        InvalidInputError: Unknown ``centroid_dtype``, or parts of ``q`` that do not fit
+            together (books, scales or outliers of the wrong shape, unsorted outliers).
     """
-    if centroid_dtype not in _CENTROID_DTYPES:
+    if centroid_dtype not in CENTROID_DTYPES:
         raise InvalidInputError(
             f"centroid dtype {centroid_dtype!r} is not supported; use one of "
-            f"{sorted(_CENTROID_DTYPES)}."
+            f"{sorted(CENTROID_DTYPES)}."
         )
-    bits = bits_for(q.k_used)
+    spec = _spec_of(q, kind, k, name)
     stats = q.stats.as_dict() if q.stats is not None else {}
     tensors = {
-        f"{name}.centroids": q.centroids.to(_CENTROID_DTYPES[centroid_dtype]).contiguous(),
-        f"{name}.codes": pack_codes(q.codes, bits),
+        f"{name}.centroids": q.centroids.to(_TORCH_DTYPES[centroid_dtype]).contiguous(),
+        f"{name}.codes": pack_codes(q.codes, spec.bits),
     }
+    if q.scales is not None:
+        tensors[f"{name}.scales"] = q.scales.to(torch.float16).contiguous()
+    if q.outlier_idx is not None and q.outlier_val is not None and spec.n_outliers:
+        tensors[f"{name}.outlier_idx"] = q.outlier_idx.to(torch.int32).contiguous()
+        tensors[f"{name}.outlier_val"] = q.outlier_val.to(torch.float16).contiguous()
     meta = {
         "format_version": FORMAT_VERSION,
         "layer": name,
-        "kind": kind,
-        "k": str(q.k_used if k is None else k),
-        "shape": json.dumps(list(q.shape)),
-        "block_size": str(q.block_size),
-        "k_used": str(q.k_used),
-        "bits": str(bits),
-        "n_blocks": str(q.codes.numel()),
+        **spec.to_header(),
         "centroid_dtype": centroid_dtype,
         "stats": json.dumps({**stats, "weight_sq": q.weight_sq}, sort_keys=True),
     }
     return tensors, meta
 
 
-def _meta_int(meta: dict[str, str], key: str, where: str) -> int:
+def layer_spec(meta: dict[str, str], where: str = "shard") -> LayerSpec:
+    """The validated :class:`LayerSpec` of a shard from its header (format 1 or 2).
+
+    Raises:
+        CheckpointError: Another format version, or a missing or inconsistent entry.
+    """
+    return LayerSpec.from_header(meta, f"{where} ({meta.get('layer', '')})", _SHARD_FIX)
+
+
+def _stats(meta: dict[str, str], spec: LayerSpec, where: str) -> tuple[KMeansStats, float]:
+    """The clustering statistics and ``||W||^2`` recorded in a shard's header."""
     try:
-        return int(meta[key])
-    except (KeyError, ValueError) as exc:
-        raise CheckpointError(
-            f"{where}: header entry {key!r} is missing or not an integer ({meta.get(key)!r}); "
-            "the shard is corrupt or from another tool. Delete it and run again to redo it."
-        ) from exc
+        raw: Any = json.loads(meta.get("stats", "{}"))
+        if not isinstance(raw, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as exc:
+        raise CheckpointError(f"{where}: header entry 'stats' is malformed. {_SHARD_FIX}") from exc
+    fields = {f.name for f in dataclasses.fields(KMeansStats)}
+    base: dict[str, Any] = {
+        "method": "?",
+        "backend": "?",
+        "n": spec.n_blocks,
+        "d": spec.block_size,
+        "k": spec.k,
+    }
+    try:
+        stats = KMeansStats(**{**base, **{k: v for k, v in raw.items() if k in fields}})
+    except TypeError:  # informative only: a stats entry of another version is not an error
+        stats = KMeansStats(**base)
+    weight_sq = raw.get("weight_sq", 0.0)
+    return stats, float(weight_sq) if isinstance(weight_sq, int | float) else 0.0
 
 
 def decode_layer(
     tensors: dict[str, torch.Tensor], meta: dict[str, str], where: str = "shard"
-) -> tuple[str, torch.Tensor, torch.Tensor, tuple[int, ...]]:
-    """Validate a shard's content and return ``(name, centroids fp32, codes int64, shape)``.
+) -> tuple[str, QuantizedWeight]:
+    """Validate a shard's content and return ``(name, the quantized weight)``.
+
+    The weight's centroids, scales and outlier values are float32 (the stored values,
+    exactly), codes and outlier indices int64.
 
     Raises:
-        CheckpointError: Wrong version, missing tensor, or inconsistent shapes, dtypes or codes.
+        CheckpointError: Wrong version, missing or unexpected tensor, or inconsistent shapes,
+            dtypes, codes, scales or outliers.
     """
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(
-            f"{where}: format version {meta.get('format_version')!r}, this dist-pgkm reads "
-            f"{FORMAT_VERSION!r}. Re-quantize with this version, or install the one that wrote it."
-        )
     name = meta.get("layer", "")
-    block_size, k_used, bits, n_blocks = (
-        _meta_int(meta, key, where) for key in ("block_size", "k_used", "bits", "n_blocks")
-    )
-    try:
-        shape = tuple(int(s) for s in json.loads(meta["shape"]))
-    except (KeyError, ValueError, TypeError) as exc:
-        raise CheckpointError(f"{where}: header entry 'shape' is missing or malformed.") from exc
-    centroids = tensors.get(f"{name}.centroids")
-    packed = tensors.get(f"{name}.codes")
-    if centroids is None or packed is None:
+    spec = layer_spec(meta, where)
+    centroid_dtype = meta.get("centroid_dtype", "")
+    if centroid_dtype not in CENTROID_DTYPES:
         raise CheckpointError(
-            f"{where}: tensors {name}.centroids and {name}.codes expected, found "
-            f"{sorted(tensors)}. The shard is corrupt; delete it and run again to redo it."
+            f"{where} ({name}): header entry 'centroid_dtype' is {centroid_dtype!r}, not one of "
+            f"{sorted(CENTROID_DTYPES)}. {_SHARD_FIX}"
         )
-    n_weights = 1
-    for size in shape:
-        n_weights *= size
+    expected = {f"{name}.{suffix}": info for suffix, info in spec.tensors(centroid_dtype).items()}
+    if set(tensors) != set(expected):
+        raise CheckpointError(
+            f"{where}: tensors {sorted(expected)} expected, found {sorted(tensors)}. The shard "
+            "is corrupt; delete it and run again to redo it."
+        )
     problems = []
-    if tuple(centroids.shape) != (k_used, block_size):
-        problems.append(f"centroids {tuple(centroids.shape)} != ({k_used}, {block_size})")
-    if centroids.dtype not in _CENTROID_DTYPES.values():
-        problems.append(f"centroids dtype {centroids.dtype}")
-    if n_blocks * block_size != n_weights:
-        problems.append(f"{n_blocks} blocks of {block_size} != {n_weights} weights of {shape}")
-    if bits != bits_for(k_used):
-        problems.append(f"{bits} bits per code for {k_used} codewords")
-    if packed.dtype != torch.uint8 or packed.numel() != packed_nbytes(n_blocks, bits):
-        problems.append(f"codes hold {packed.numel()} {packed.dtype} values")
+    for key, (dtype, shape) in expected.items():
+        t, suffix = tensors[key], key.rpartition(".")[2]
+        if tuple(t.shape) != shape:
+            problems.append(f"{suffix} {tuple(t.shape)} != {shape}")
+        elif t.dtype != SAFETENSORS_DTYPES[dtype]:
+            problems.append(f"{suffix} dtype {t.dtype} != {SAFETENSORS_DTYPES[dtype]}")
     if problems:
-        raise CheckpointError(
-            f"{where} ({name}): {'; '.join(problems)}. The shard is inconsistent; delete it and "
-            "run again to redo the layer."
-        )
-    codes = unpack_codes(packed, n_blocks, bits)
-    if n_blocks and int(codes.max()) >= k_used:
+        raise CheckpointError(f"{where} ({name}): {'; '.join(problems)}. {_SHARD_FIX}")
+    centroids = tensors[f"{name}.centroids"].to(torch.float32)
+    scales = tensors.get(f"{name}.scales")
+    outlier_idx = tensors.get(f"{name}.outlier_idx")
+    outlier_val = tensors.get(f"{name}.outlier_val")
+    problems = side_problems(spec.shape, scales, outlier_idx, outlier_val)
+    if not bool(torch.isfinite(centroids).all()):
+        problems.append("centroids hold NaN or infinity")
+    if problems:
+        raise CheckpointError(f"{where} ({name}): {'; '.join(problems)}. {_SHARD_FIX}")
+    codes = unpack_codes(tensors[f"{name}.codes"], spec.n_blocks, spec.bits)
+    if spec.n_blocks and int(codes.max()) >= spec.k_used:
         raise CheckpointError(
             f"{where} ({name}): a code reaches {int(codes.max())} but the codebook has "
-            f"{k_used} codewords. The shard is corrupt; delete it and run again."
+            f"{spec.k_used} codewords. The shard is corrupt; delete it and run again."
         )
-    return name, centroids.to(torch.float32), codes, shape
+    stats, weight_sq = _stats(meta, spec, f"{where} ({name})")
+    q = QuantizedWeight(
+        centroids=centroids,
+        codes=codes,
+        shape=spec.shape,
+        stats=stats,
+        weight_sq=weight_sq,
+        scales=None if scales is None else scales.to(torch.float32),
+        scale_group=spec.scale_group,
+        codebook_rows=spec.codebook_rows,
+        outlier_idx=None if outlier_idx is None else outlier_idx.to(torch.int64),
+        outlier_val=None if outlier_val is None else outlier_val.to(torch.float32),
+        metric=spec.metric,
+    )
+    return name, q
 
 
 def file_sha256(path: Path) -> str:

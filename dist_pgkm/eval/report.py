@@ -94,7 +94,7 @@ def _plots(directory: Path, checkpoint: CheckpointSummary) -> list[Path]:
         f"bits/weight, {checkpoint.compression_vs_fp16:.2f}x smaller than fp16"
     )
     bottom.bar(x, [layer.bits_per_weight for layer in layers], color="tab:green")
-    bottom.set_ylabel("bits / weight\n(codebook included)")
+    bottom.set_ylabel("bits / weight\n(codebooks, scales,\noutliers included)")
     bottom.set_xticks(list(x)[::step], labels[::step], rotation=90, fontsize=6)
     fig.tight_layout()
     error_png = directory / "layer_error.png"

@@ -50,6 +50,7 @@ from torch import nn
 from dist_pgkm.checkpoint.atomic import atomic_write_json, exclusive_run
 from dist_pgkm.checkpoint.merge import QuantizedLayer, merge_checkpoint
 from dist_pgkm.checkpoint.shard import decode_layer, encode_layer, read_shard, write_shard
+from dist_pgkm.checkpoint.spec import TENSOR_SUFFIXES
 from dist_pgkm.config.finetune import FinetuneConfig
 from dist_pgkm.config.quantize import LayerRule, QuantizeConfig
 from dist_pgkm.distributed.coordinator import package_version, quantize_model, shard_path
@@ -151,6 +152,13 @@ def stage_layers(jobs: Sequence[LayerJob], config: FinetuneConfig) -> list[list[
             "`match` patterns (full-match regexes, `re:` prefix) or remove the stage."
         )
     for stage, layers in zip(config.stages, stages, strict=True):
+        if stage.method != "ipq" and (stored := [j for j in layers if _has_extras(j)]):
+            raise ConfigError(
+                f"stage {stage.name}: method {stage.method} on {stored[0].name}, whose rule asks "
+                "for scales, codebook_rows or outliers, is not supported: DKM, IDKM and LR²VQ "
+                "train one codebook of plain sub-vectors. Give such layers a stage with method: "
+                "ipq (which trains their codebooks and scales), or drop those options."
+            )
         rank = stage.dkm.rank if stage.method == "lr2vq" else "auto"
         if too_small := [job for job in layers if rank != "auto" and job.block_size < rank]:
             raise ConfigError(
@@ -159,6 +167,12 @@ def stage_layers(jobs: Sequence[LayerJob], config: FinetuneConfig) -> list[list[
                 "block size dimensions. Lower the rank or use rank: auto."
             )
     return stages
+
+
+def _has_extras(job: LayerJob) -> bool:
+    """Whether a layer's rule stores more than a codebook and codes (books, scales, outliers)."""
+    options = job.options
+    return options.scale != "none" or options.codebook_rows > 0 or options.outliers > 0
 
 
 # --- state -------------------------------------------------------------------------------------
@@ -271,17 +285,26 @@ def _shareable(error: BaseException | None) -> BaseException | None:
 # --- model surgery -----------------------------------------------------------------------------
 
 
-def _swap_in(model: nn.Module, job: LayerJob, centroids: torch.Tensor, codes: torch.Tensor) -> None:
-    """Replace ``job``'s module (and the modules tied to it) by trainable PQ modules."""
+def _swap_in(model: nn.Module, job: LayerJob, q: QuantizedWeight) -> None:
+    """Replace ``job``'s module (and the modules tied to it) by trainable PQ modules.
+
+    The codebook(s) and scales train; codes and outliers are frozen (docs/finetune.md).
+    """
     module = model.get_submodule(job.name)
-    pq = pq_module_for(module).from_float(module, centroids, codes)
-    pq.centroids.requires_grad_(True)
+    pq = pq_module_for(module).from_quantized(module, q)
+    for param in _codebook_parameters(pq):
+        param.requires_grad_(True)
     model.set_submodule(job.name, pq)
     for tied in job.tied:
         other = model.get_submodule(tied)
-        pq_tied = pq_module_for(other).from_float(other, centroids, codes)
+        pq_tied = pq_module_for(other).from_quantized(other, q)
         pq_tied.tie_to(pq)
         model.set_submodule(tied, pq_tied)
+
+
+def _codebook_parameters(module: PQModule) -> list[nn.Parameter]:
+    """A PQ module's trained parameters besides its bias: codebook(s) and scales."""
+    return [p for p in (module.centroids, module.scales) if p is not None]
 
 
 def _dense_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -298,7 +321,7 @@ def _dense_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
                 out[f"{name}.weight"] = m.weight.detach().float().contiguous()
     for key, tensor in model.state_dict().items():
         owner = key.rpartition(".")[0]
-        if owner in pq_prefixes and key.rpartition(".")[2] in ("centroids", "codes"):
+        if owner in pq_prefixes and key.rpartition(".")[2] in TENSOR_SUFFIXES:
             continue
         if tensor.data_ptr() in seen:
             continue
@@ -504,6 +527,7 @@ class _Run:
     model: nn.Module = field(init=False)
     teacher: Any = field(init=False, default=None)
     dkm: Any = field(init=False, default=None)  # the current stage's DKM wrappers, if any
+    metrics: dict[str, str] = field(init=False, default_factory=dict)  # layer -> its metric
     _tokens: int = field(init=False, default=0)
     _train_seconds: float = field(init=False, default=0.0)
 
@@ -540,8 +564,10 @@ class _Run:
             self.state.save()
 
     def _stage_config(self, i: int) -> QuantizeConfig:
-        rules = [
-            LayerRule(match=[job.name], block_size=job.block_size, k=job.k)
+        rules = [  # each layer's own rule, its options (scales, books, outliers...) included
+            LayerRule(
+                match=[job.name], block_size=job.block_size, k=job.k, **job.options.model_dump()
+            )
             for job in self.stages[i]
         ]
         return self.config.quantize.model_copy(update={"rules": rules})
@@ -581,8 +607,9 @@ class _Run:
         q_dir = self.stage_dir(i) / "quantize"
         for job in self.stages[i]:
             tensors, meta = read_shard(q_dir / shard_path(job.name))
-            _, centroids, codes, _ = decode_layer(tensors, meta, where=str(q_dir))
-            _swap_in(self.model, job, centroids, codes)
+            _, q = decode_layer(tensors, meta, where=str(q_dir))
+            _swap_in(self.model, job, q)
+            self.metrics[job.name] = q.metric
 
     def _start_stage(self, i: int) -> None:
         """The stage's layers as they train: PQ modules (ipq) or DKM-wrapped float layers."""
@@ -613,7 +640,8 @@ class _Run:
         layers: list[DKMLayer] = []
         for job in self.stages[i]:
             tensors, meta = read_shard(q_dir / shard_path(job.name))
-            _, centroids, _, _ = decode_layer(tensors, meta, where=str(q_dir))
+            _, q = decode_layer(tensors, meta, where=str(q_dir))
+            centroids = q.centroids  # plain: extras were refused at config time (stage_layers)
             opts = dataclasses.replace(options, rank=ranks[job.name]) if lr2vq else options
             handle = add_dkm(self.model, [job.name], job.block_size, {job.name: centroids}, opts)
             layers.extend(handle)
@@ -649,7 +677,11 @@ class _Run:
             return
         for job in self.stages[i]:
             centroids, codes = self.dkm[job.name].export()
-            _swap_in(self.model, job, centroids, codes)
+            stats = KMeansStats("dkm-export", "none", codes.numel(), job.block_size, job.k)
+            weight = self.model.get_submodule(job.name).weight
+            assert isinstance(weight, torch.Tensor)
+            _swap_in(self.model, job, QuantizedWeight(centroids, codes, tuple(weight.shape), stats))
+            self.metrics[job.name] = "weight"  # re-clustered in weight space while training
         self.dkm.remove()
         self.dkm = None
 
@@ -703,14 +735,23 @@ class _Run:
         return _NoiseGroups(handles)
 
     def _codebook(self, job: LayerJob) -> Codebook:
+        """The quantize-mode noise codebook of a later stage's layer: its rule's codebooks,
+        scales and outliers fitted to the current weight (weight metric: no calibration here);
+        perturbed blocks take their nearest codeword at every step."""
         weight = self.model.get_submodule(job.name).weight
         assert isinstance(weight, torch.Tensor)
         weight = weight.detach()
+        options = job.options.model_copy(update={"metric": "weight"})
         q = quantize_weight(
             weight, job.block_size, job.k, method=self.config.quantize.method, seed=job.seed,
-            n_iter=self.config.quantize.n_iter,
+            n_iter=self.config.quantize.n_iter, options=options,
         )  # fmt: skip
-        return Codebook(q.centroids)
+        return Codebook(
+            q.centroids,
+            scales=q.scales,
+            outlier_idx=q.outlier_idx if q.n_outliers else None,
+            shape=tuple(weight.shape),
+        )
 
     def _train_stage(self, i: int) -> None:
         from dist_pgkm.finetune import engine as ds_engine
@@ -718,11 +759,16 @@ class _Run:
         stage = self.config.stages[i]
         noise = self._noise(i)
         train = self.config.train
-        centroids = [p for n, p in self.model.named_parameters() if n.endswith("centroids")]
+        # Codebooks and scales train at the codebook learning rate, without weight decay.
+        codebook_ids = {
+            id(p)
+            for m in self.model.modules()
+            if isinstance(m, PQModule)
+            for p in _codebook_parameters(m)
+        }
+        centroids = [p for p in self.model.parameters() if id(p) in codebook_ids]
         others = [
-            p
-            for n, p in self.model.named_parameters()
-            if not n.endswith("centroids") and p.requires_grad
+            p for p in self.model.parameters() if id(p) not in codebook_ids and p.requires_grad
         ]
         groups = [{"params": others, "lr": train.lr, "weight_decay": train.weight_decay}]
         if centroids:
@@ -855,14 +901,8 @@ class _Run:
         for job in jobs:
             module = self.model.get_submodule(job.name)
             assert isinstance(module, PQModule), job.name
-            q = QuantizedWeight(
-                centroids=module.centroids.detach().float(),
-                codes=module.index.to(torch.int64),
-                shape=tuple(module.weight_shape),
-                stats=KMeansStats(
-                    "finetuned", "none", module.index.numel(), module.block_size, module.k
-                ),
-            )
+            stats = KMeansStats("finetuned", "none", module.n_blocks, module.block_size, module.k)
+            q = module.quantized(stats, metric=self.metrics.get(job.name, "weight"))
             tensors, meta = encode_layer(job.name, q, dtype, kind=job.kind, k=job.k)
             rel = shard_path(job.name)
             write_shard(self.out / rel, tensors, meta)

@@ -70,22 +70,36 @@ class BlockQuantizer(Protocol):
 class Codebook:
     """A PQ codebook used as a :class:`BlockQuantizer`.
 
+    With only ``centroids`` (and ``codes``) it is plain product quantization. With per-row-group
+    codebooks, scales or outliers (the layer options of docs/quantize.md) it replaces a block as
+    the layer's decode would (:mod:`dist_pgkm.pq.layout`): codeword of the block's own book,
+    times the block's scale; weights kept as outliers keep their current value. ``shape`` is
+    then required, to place a block in its row and scale group.
+
     Attributes:
-        centroids: ``(k, bs)`` codewords. Read at every call, so a codebook that is being
-            trained (e.g. a ``PQModule``'s ``centroids``) gives its current values.
-        codes: ``(n_blocks,)`` fixed codeword index of every block of the weight, or ``None``
-            to use each block's nearest codeword (squared Euclidean distance, lowest index on
-            ties) at the time of the call.
+        centroids: ``(k, bs)`` codewords, or ``(n_books, k, bs)``: one book per ``out / n_books``
+            output rows. Read at every call, so a codebook that is being trained (e.g. a
+            ``PQModule``'s ``centroids``) gives its current values.
+        codes: ``(n_blocks,)`` fixed codeword index of every block of the weight (in its book),
+            or ``None`` to use each block's nearest codeword (squared Euclidean distance to the
+            block divided by its scale, lowest index on ties) at the time of the call.
+        scales: ``(out, width / scale_group)`` scales (a scale group holds whole blocks), or None.
+        outlier_idx: ``(n,)`` flat indices into the ``(out, width)`` weight that are never
+            replaced, or None.
+        shape: The weight's shape; required with books, scales or outliers.
     """
 
     centroids: torch.Tensor
     codes: torch.Tensor | None = None
+    scales: torch.Tensor | None = None
+    outlier_idx: torch.Tensor | None = None
+    shape: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
-        if self.centroids.dim() != 2 or self.centroids.shape[0] == 0:
+        if self.centroids.dim() not in (2, 3) or 0 in self.centroids.shape:
             raise InvalidInputError(
-                f"a codebook is a (k, block_size) tensor with k >= 1, got shape "
-                f"{tuple(self.centroids.shape)}."
+                f"a codebook is a (k, block_size) or (n_books, k, block_size) tensor with k >= 1, "
+                f"got shape {tuple(self.centroids.shape)}."
             )
         if self.codes is not None and (
             self.codes.dim() != 1 or self.codes.dtype.is_floating_point or self.codes.is_complex()
@@ -94,7 +108,7 @@ class Codebook:
                 f"codes must be a 1-D integer tensor (one codeword per block), got "
                 f"{self.codes.dtype} of shape {tuple(self.codes.shape)}."
             )
-        k = int(self.centroids.shape[0])
+        k = int(self.centroids.shape[-2])
         if self.codes is not None and self.codes.numel():
             low, high = int(self.codes.min()), int(self.codes.max())
             if low < 0 or high >= k:
@@ -102,16 +116,58 @@ class Codebook:
                     f"codes range over [{low}, {high}] but the codebook has {k} codewords; they "
                     "were made for another codebook."
                 )
+        if self.shape is None:
+            if not self.plain:
+                raise InvalidInputError(
+                    "a codebook with several books, scales or outliers needs the weight's shape "
+                    "(shape=tuple(weight.shape)) to place every block in its row."
+                )
+            return
+        out, width, bs = self.shape[0], math.prod(self.shape[1:]), self.block_size
+        problems = []
+        if width % bs or out % self.n_books:
+            problems.append(f"{self.n_books} books of blocks of {bs} cannot tile it")
+        if self.scales is not None and (
+            self.scales.dim() != 2
+            or self.scales.shape[0] != out
+            or width % self.scales.shape[1]
+            or (width // self.scales.shape[1]) % bs
+        ):
+            problems.append(f"scales {tuple(self.scales.shape)} do not hold whole blocks per row")
+        if (
+            self.outlier_idx is not None
+            and self.outlier_idx.numel()
+            and (
+                self.outlier_idx.dim() != 1
+                or int(self.outlier_idx.min()) < 0
+                or int(self.outlier_idx.max()) >= out * width
+            )
+        ):
+            problems.append("its outlier indices fall outside it")
+        if problems:
+            raise InvalidInputError(
+                f"a codebook for a weight of shape {self.shape}: {'; '.join(problems)}."
+            )
 
     @property
     def block_size(self) -> int:
-        return int(self.centroids.shape[1])
+        return int(self.centroids.shape[-1])
+
+    @property
+    def n_books(self) -> int:
+        return 1 if self.centroids.dim() == 2 else int(self.centroids.shape[0])
+
+    @property
+    def plain(self) -> bool:
+        """Plain product quantization: one codebook, no scales, no outliers."""
+        return self.centroids.dim() == 2 and self.scales is None and self.outlier_idx is None
 
     def check(self, n_blocks: int, block_size: int, name: str = "weight") -> None:
         """Check that this codebook fits a weight of ``n_blocks`` blocks of ``block_size``.
 
         Raises:
-            InvalidInputError: Another block size, or a code count other than ``n_blocks``.
+            InvalidInputError: Another block size, or a code count (or shape) other than
+                ``n_blocks`` blocks.
         """
         if self.block_size != block_size:
             raise InvalidInputError(
@@ -123,15 +179,53 @@ class Codebook:
                 f"{name}: {self.codes.numel()} codes for a weight of {n_blocks} blocks; the codes "
                 "belong to another layer or block size."
             )
+        if self.shape is not None and math.prod(self.shape) != n_blocks * block_size:
+            raise InvalidInputError(
+                f"{name}: the codebook was made for a weight of shape {self.shape}, not one of "
+                f"{n_blocks} blocks of {block_size}; it belongs to another layer."
+            )
 
     def __call__(self, blocks: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         centroids = self.centroids.detach().to(blocks.device)
+        if self.plain:
+            if self.codes is None:
+                points = blocks.detach().to(torch.float32).contiguous()  # (m, bs)
+                codes, _ = TorchAssigner(points).assign(centroids.to(torch.float32))
+            else:
+                codes = self.codes.to(index.device)[index]
+            return centroids[codes]  # (m, bs)
+        return self._decode(centroids.to(torch.float32), blocks, index.to(blocks.device))
+
+    def _decode(self, c: torch.Tensor, blocks: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """Replacement of ``blocks`` with books, scales and outliers (float32)."""
+        assert self.shape is not None
+        bs, k = self.block_size, int(c.shape[-2])
+        out, width = self.shape[0], math.prod(self.shape[1:])
+        n_blocks = out * width // bs
+        book = index // (n_blocks // self.n_books)  # (m,)
+        points = blocks.detach().to(torch.float32)  # (m, bs)
+        scale = None
+        if self.scales is not None:
+            per_row, group = width // bs, width // self.scales.shape[1]
+            scales = self.scales.detach().to(blocks.device, torch.float32)
+            scale = scales[index // per_row, (index % per_row) * bs // group][:, None]  # (m, 1)
+            points = points / scale
         if self.codes is None:
-            points = blocks.detach().to(torch.float32).contiguous()  # (m, bs)
-            codes, _ = TorchAssigner(points).assign(centroids.to(torch.float32))
+            codes = torch.empty_like(index)
+            for b in torch.unique(book).tolist():
+                members = (book == b).nonzero().squeeze(1)
+                book_c = c[b] if c.dim() == 3 else c  # (k, bs)
+                codes[members], _ = TorchAssigner(points[members].contiguous()).assign(book_c)
         else:
             codes = self.codes.to(index.device)[index]
-        return centroids[codes]  # (m, bs)
+        values = c.reshape(-1, bs)[book * k + codes]  # (m, bs), as the decode gathers
+        if scale is not None:
+            values = values * scale
+        if self.outlier_idx is not None and self.outlier_idx.numel():
+            positions = index[:, None] * bs + torch.arange(bs, device=index.device)  # (m, bs)
+            kept = torch.isin(positions, self.outlier_idx.to(index.device))
+            values = torch.where(kept, blocks.detach().to(torch.float32), values)
+        return values
 
 
 def check_p(p: float, mode: str = "drop") -> float:

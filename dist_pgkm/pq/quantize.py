@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from dist_pgkm.config.quantize import LayerQuantOptions
 from dist_pgkm.kmeans.metric import BlockMetric
@@ -14,6 +15,7 @@ from dist_pgkm.kmeans.types import KMeansResult, KMeansStats
 from dist_pgkm.pgkm.api import cluster
 from dist_pgkm.pq.aware import fit_scales, hessian_metric, refit_scales, select_outliers
 from dist_pgkm.pq.codec import from_subvectors, to_subvectors
+from dist_pgkm.pq.layout import apply_outliers, apply_scales, book_index
 from dist_pgkm.pq.pack import bits_for
 
 __all__ = ["QuantizedWeight", "bits_per_weight", "decode_weight", "quantize_weight"]
@@ -123,25 +125,18 @@ def decode_weight(
 ) -> torch.Tensor:
     """Decode a weight from its codebook(s), codes, scales and outliers (float32).
 
-    See :class:`QuantizedWeight` for the layout. Differentiable in ``centroids``, ``scales``
-    and ``outlier_val``.
+    See :class:`QuantizedWeight` for the layout and :mod:`dist_pgkm.pq.layout` for the steps
+    (the PQ modules decode with the same functions). Differentiable in ``centroids``,
+    ``scales`` and ``outlier_val``, with a deterministic backward. ``codebook_rows`` is implied
+    by the shape of ``centroids`` (one book per ``out / n_books`` rows).
     """
     c = centroids.to(torch.float32)
     block_size = int(c.shape[-1])
-    out = shape[0]
-    if c.dim() == 3:  # one book per codebook_rows output rows
-        n_books, k_store, _ = c.shape
-        per_book = codes.numel() // n_books
-        offset = torch.arange(n_books, device=codes.device).repeat_interleave(per_book) * k_store
-        blocks = c.reshape(-1, block_size)[codes + offset]  # (n_blocks, bs)
-    else:
-        blocks = c[codes]  # (n_blocks, bs)
-    w = blocks.reshape(out, -1)  # (out, width)
-    if scales is not None:
-        group = w.shape[1] // scales.shape[1]
-        w = w * scales.to(torch.float32).repeat_interleave(group, dim=1)
-    if outlier_idx is not None and outlier_val is not None and outlier_idx.numel():
-        w = w.reshape(-1).index_put((outlier_idx,), outlier_val.to(torch.float32))
+    n_books = 1 if c.dim() == 2 else int(c.shape[0])
+    index = book_index(codes, n_books, int(c.shape[-2]))  # (n_blocks,)
+    blocks = F.embedding(index, c.reshape(-1, block_size))  # (n_blocks, bs)
+    w = apply_scales(blocks.reshape(shape[0], -1), scales)  # (out, width)
+    w = apply_outliers(w, outlier_idx, outlier_val)
     return from_subvectors(w.reshape(-1, block_size), shape)
 
 

@@ -418,8 +418,9 @@ def _extra_layer(config: dict[str, Any]) -> None:
 
 CONFIG_CORRUPTIONS = {
     "format-version": (
-        _config_with(format_version=2),
-        r"config\.json: quantization_config\.format_version is 2; this dist-pgkm reads format 1",
+        _config_with(format_version=3),
+        r"config\.json: quantization_config\.format_version is 3; this dist-pgkm reads formats "
+        r"1 and 2",
     ),
     "unknown-key": (_config_with(group_size=4), r"unknown keys \['group_size'\]"),
     "bits": (
@@ -526,6 +527,25 @@ def test_save_pretrained_round_trips(
     ids = torch.tensor([[3, 14, 15, 92, 65, 35]])
     with torch.no_grad():
         torch.testing.assert_close(again(ids).logits, model(ids).logits, atol=0, rtol=0)
+
+
+def test_format_1_checkpoints_load_and_describe_as_before(
+    tiny: tuple[Path, dict[str, torch.Tensor]],
+) -> None:
+    """Every checkpoint of this module is format 1 (as dist-pgkm wrote before format 2): it
+    loads, saves back as format 1 (test_save_pretrained_round_trips), and its sizes are the
+    format-1 ones: packed codes plus one codebook, nothing else."""
+    from dist_pgkm.checkpoint.inspect import describe
+    from dist_pgkm.pq import bits_per_weight
+
+    info = describe(tiny[0])
+    assert {layer.name for layer in info.layers} == set(TINY_LAYERS)
+    for layer in info.layers:
+        n_blocks = layer.n_weights // layer.block_size
+        assert layer.bits_per_weight == bits_per_weight(n_blocks, layer.k_used, layer.block_size)
+        assert (layer.codebook_rows, layer.scale_group, layer.n_outliers) == (0, 0, 0)
+        assert layer.side_bytes == 0
+    assert dist_pgkm.load(tiny[0]).config.quantization_config.format_version == 1
 
 
 def test_tie_inconsistencies_raise_checkpoint_error(

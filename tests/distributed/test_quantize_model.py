@@ -42,11 +42,16 @@ def test_checkpoint_holds_what_the_format_says(reference: Path, model: Path) -> 
         "k": 64,
         "k_used": 64,
         "bits": 6,
+        "codebook_rows": 0,
+        "scale_group": 0,
+        "n_outliers": 0,
+        "metric": "weight",
     }
+    assert qconfig["format_version"] == 2
     assert qconfig["layers"]["embeddings.word_embeddings"]["kind"] == "embedding"
     with safe_open(str(reference / "model.safetensors"), framework="pt") as f:
         keys = set(f.keys())
-        assert f.metadata() == {"format": "pt", "quant_method": "pgkm", "dist_pgkm_format": "1"}
+        assert f.metadata() == {"format": "pt", "quant_method": "pgkm", "dist_pgkm_format": "2"}
         codes = f.get_tensor("encoder.layer.0.intermediate.dense.codes")
         centroids = f.get_tensor("encoder.layer.0.intermediate.dense.centroids")
         bias = f.get_tensor("encoder.layer.0.intermediate.dense.bias")

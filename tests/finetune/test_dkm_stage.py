@@ -98,11 +98,11 @@ def test_idkm_stage_reclusters_and_exports(reference: Path) -> None:
         shard = f"shards/{layer}.safetensors"
         start, start_meta = read_shard(reference / "stages" / stage / "quantize" / shard)
         final, final_meta = read_shard(reference / shard)
-        _, c0, codes0, _ = decode_layer(start, start_meta, where="start")
-        _, c1, codes1, _ = decode_layer(final, final_meta, where="final")
-        assert c0.shape == c1.shape  # LR²VQ too exports (k, m): the codebook C P
+        _, q0 = decode_layer(start, start_meta, where="start")
+        _, q1 = decode_layer(final, final_meta, where="final")
+        assert q0.centroids.shape == q1.centroids.shape  # LR²VQ too exports (k, m): C P
         # The weight (or R P) trained and was clustered again: codes moved (iPQ's never do).
-        changed = float((codes0 != codes1).float().mean())
+        changed = float((q0.codes != q1.codes).float().mean())
         assert changed > 0.01, (layer, changed)
     model = dist_pgkm.load(reference)
     assert isinstance(model.get_submodule(LAYER), PQModule)
