@@ -64,6 +64,5 @@ def run_job(
         **config.method_options,
     )
     tensors, meta = encode_layer(job.name, q, config.centroid_dtype, kind=job.kind, k=job.k)
-    meta.setdefault("metric", q.metric)  # a header entry: readers ignore keys they do not know
     seconds = time.perf_counter() - start
     return JobResult(job.name, tensors, meta, seconds, peak_rss_bytes(), q.metric)
