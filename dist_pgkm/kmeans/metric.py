@@ -193,24 +193,30 @@ def metric_update(
 
 
 class MetricAssigner(Assigner):
-    """Nearest centroid under a per-group metric: one Euclidean search per group.
+    """Nearest centroid under a per-group metric: a Euclidean search per group.
 
     The search of group ``g`` compares its whitened points ``x_i L_g`` with the codebook mapped
-    by ``L_g``, through a :class:`~dist_pgkm.kmeans.assign.TorchAssigner` bound to that group's
-    points (``addmm`` + ``min`` in cache-sized blocks; CPU or CUDA, as the points are).
-    Measured on one thread for SmolLM2-shaped layers (k = 256): per-group torch searches took
-    374 / 70 / 170 ms per pass at (1536 points x 288 groups, d 2) / (576 x 144, d 4) /
-    (576 x 192, d 8), against 879 / 220 / 234 ms for a faiss search per group (call overhead)
-    and 583 / 99 / 128 ms for all groups batched in ``baddbmm`` (a 3-D ``min`` is slow).
+    by ``L_g`` (``|y|^2 - 2 y.c + |c|^2``, the torch backend's arithmetic; CPU or CUDA, as the
+    points are). Large groups get a :class:`~dist_pgkm.kmeans.assign.TorchAssigner` each
+    (``addmm`` + ``min`` in cache-sized blocks); groups of at most :attr:`SMALL` points are
+    laid out in a padded ``(G, n_max, d)`` tensor and searched many at a time with ``baddbmm``,
+    since a call per tiny group costs more than its arithmetic (a layer cut into one codebook
+    per 32 rows has groups of 32 points). Measured on one thread, k = 256, SmolLM2 shapes:
+    per-group torch searches took 374 / 70 / 170 ms per pass at (1536 points x 288 groups,
+    d 2) / (576 x 144, d 4) / (576 x 192, d 8), against 879 / 220 / 234 ms for a faiss search
+    per group and 583 / 99 / 128 ms for all groups batched (a 3-D ``min`` is slower than 2-D
+    ones on cache-sized blocks).
 
     Args:
         x: ``(n, d)`` float32 points, sorted by group.
         metric: Their metric (``metric.groups`` non-decreasing).
+        block_bytes: Bound of one batched distance block.
     """
 
     name = "metric/torch"
+    SMALL = 256
 
-    def __init__(self, x: torch.Tensor, metric: BlockMetric) -> None:
+    def __init__(self, x: torch.Tensor, metric: BlockMetric, block_bytes: int = 4 << 20) -> None:
         super().__init__(x)
         groups = metric.groups
         assert groups.numel() < 2 or bool((groups[1:] >= groups[:-1]).all())
@@ -219,20 +225,49 @@ class MetricAssigner(Assigner):
         self.whitened = whiten(x, groups, self.factors)  # (n, d)
         counts = torch.bincount(groups, minlength=metric.n_groups)
         ends = counts.cumsum(0)
-        self._spans = [
-            (g, int(ends[g] - counts[g]), int(ends[g])) for g in counts.nonzero().flatten().tolist()
-        ]
-        self._searches = [TorchAssigner(self.whitened[s:e]) for _, s, e in self._spans]
+        n_max = int(counts.max()) if counts.numel() else 0
+        self._batched = n_max <= self.SMALL
+        self._block_bytes = block_bytes
+        if self._batched:
+            self._pos = torch.arange(x.shape[0], device=x.device) - (ends - counts)[groups]
+            self._padded = torch.zeros(metric.n_groups, n_max, x.shape[1], device=x.device)
+            self._padded[groups, self._pos] = self.whitened  # (G, n_max, d)
+        else:
+            self._spans = [
+                (g, int(ends[g] - counts[g]), int(ends[g]))
+                for g in counts.nonzero().flatten().tolist()
+            ]
+            self._searches = [TorchAssigner(self.whitened[s:e]) for _, s, e in self._spans]
 
     def assign(self, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        c = centroids.to(device=self.x.device, dtype=torch.float32)
+        mapped = torch.einsum("kd,gde->gke", c, self.factors)  # (G, k, d): c L_g
+        if self._batched:
+            return self._assign_batched(mapped)
         n = self.x.shape[0]
         codes = torch.empty(n, dtype=torch.int64, device=self.x.device)
         dist = torch.empty(n, dtype=torch.float32, device=self.x.device)
-        c = centroids.to(device=self.x.device, dtype=torch.float32)
-        mapped = torch.einsum("kd,gde->gke", c, self.factors)  # (G, k, d): c L_g
         for (g, s, e), search in zip(self._spans, self._searches, strict=True):
             codes[s:e], dist[s:e] = search.assign(mapped[g])
         return codes, dist
+
+    def _assign_batched(self, mapped: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        c_sq = (mapped * mapped).sum(dim=2)  # (G, k)
+        n_groups, n_max, _ = self._padded.shape
+        k = mapped.shape[1]
+        step = max(1, self._block_bytes // max(1, 4 * n_max * k))
+        best = torch.empty(n_groups, n_max, device=mapped.device)
+        arg = torch.empty(n_groups, n_max, dtype=torch.int64, device=mapped.device)
+        for s in range(0, n_groups, step):
+            e = min(n_groups, s + step)
+            # (groups, n_max, k) = |c|^2 - 2 y.c ; |y|^2 is added after the min.
+            block = torch.baddbmm(
+                c_sq[s:e, None, :], self._padded[s:e], mapped[s:e].transpose(1, 2), alpha=-2.0
+            )
+            torch.min(block, dim=2, out=(best[s:e], arg[s:e]))
+        groups, y = self.metric.groups, self.whitened
+        dist = (best[groups, self._pos] + (y * y).sum(dim=1)).clamp_(min=0.0)
+        return arg[groups, self._pos], dist
 
     def distances(
         self, index: torch.Tensor, centroids: torch.Tensor, codes: torch.Tensor

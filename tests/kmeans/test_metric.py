@@ -35,7 +35,9 @@ def brute_force(
     return best.indices, best.values
 
 
-def test_metric_search_matches_brute_force() -> None:
+@pytest.mark.parametrize("small", [0, 10_000], ids=["per-group", "batched"])
+def test_metric_search_matches_brute_force(small: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(MetricAssigner, "SMALL", small)
     n, d, k, groups = 3000, 4, 32, 12
     x = gaussian_mixture(n, d, 8, seed=1)
     g = torch.arange(n) % groups
@@ -84,7 +86,11 @@ def test_euclidean_metrics_give_the_plain_bytes() -> None:
         assert torch.equal(aware.codes, plain.codes)
 
 
-def test_general_path_with_identity_matrices_agrees_with_plain_lloyd() -> None:
+@pytest.mark.parametrize("small", [0, 10_000], ids=["per-group", "batched"])
+def test_general_path_with_identity_matrices_agrees_with_plain_lloyd(
+    small: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(MetricAssigner, "SMALL", small)
     # One group per point pair with the identity: the per-group search and the metric M-step
     # must give plain k-means (up to float rounding), since the error is Euclidean.
     x = gaussian_mixture(4000, 4, 20, seed=10)
