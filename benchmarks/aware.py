@@ -10,7 +10,7 @@ wordnet``, in a child process for
   level, every lever alone on top of ``plain`` (``+metric``, ``+scales``, ``+books``,
   ``+outliers``), so each lever's worth is visible;
 * faiss and fairseq-em (iPQ's k-means) on ``plain``: the same codebook shapes, no lever (they
-  cluster with the Euclidean distance only);
+  cluster with the Euclidean distance only), in the LLM convention and on MiniLM;
 * per-group round-to-nearest (group 64, fp16 scale and minimum) at 4, 3 and 2 bits on the same
   layers;
 
@@ -167,11 +167,15 @@ def cases(options: AwareOptions) -> list[Case]:
         out.append(Case(model, "-", 0, "original"))
         levels = sorted(LEVELS, reverse=True) if model == "smollm2-135m" else [MINILM_LEVEL]
         for convention in ("llm", "ipq"):
+            # SmolLM2 in iPQ's convention: the points (all, plain, RTN); the baselines
+            # and the ablation run where the targets are judged (LLM convention) and on MiniLM.
+            full = convention == "llm" or model != "smollm2-135m"
             for level in levels:
                 out.append(Case(model, convention, level, "rtn", f"rtn-g{RTN_GROUP}"))
                 out.append(Case(model, convention, level, "all"))
                 out.append(Case(model, convention, level, "plain"))
-                out += [Case(model, convention, level, "plain", m) for m in BASELINES]
+                if full:
+                    out += [Case(model, convention, level, "plain", m) for m in BASELINES]
                 if level == ABLATION_LEVEL and convention == "llm":
                     out += [Case(model, convention, level, v) for v in LEVERS]
     return out

@@ -56,13 +56,15 @@ def test_cases_cover_the_issue() -> None:
                 for c in smol
                 if (c.convention, c.level) == (convention, level)
             }
-            assert {("all", "pgkm"), ("plain", "pgkm"), ("plain", "faiss")} <= here
-            assert ("plain", "fairseq-em") in here
-            assert ("rtn", "rtn-g64") in here
+            assert {("all", "pgkm"), ("plain", "pgkm"), ("rtn", "rtn-g64")} <= here
+            baselines = {("plain", "faiss"), ("plain", "fairseq-em")}
+            assert baselines <= here if convention == "llm" else not baselines & here
     ablation = {c.variant for c in smol if c.convention == "llm" and c.level == 3}
     assert set(aware.LEVERS) <= ablation
-    mini = [c for c in cases if c.model == "minilm-l6" and c.variant == "all"]
-    assert {c.convention for c in mini} == {"llm", "ipq"}
+    mini = [c for c in cases if c.model == "minilm-l6" and c.variant == "plain"]
+    assert {(c.convention, c.method) for c in mini} == {
+        (conv, m) for conv in ("llm", "ipq") for m in ("pgkm", "faiss", "fairseq-em")
+    }
     assert cases[0].variant == "original"
     assert len(aware.cases(aware.AwareOptions(quick=True))) == 3
 
