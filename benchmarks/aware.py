@@ -26,33 +26,32 @@ import logging
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-from dist_pgkm.bench.common import (  # type: ignore[import-not-found, unused-ignore]
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from .common import (
     MARKDOWN_INTRO,
+    RowsReport,
     Target,
     format_value,
-    git_commit,
-    machine_info,
     machine_line,
     markdown_table,
     replace_marker_section,
     targets_markdown,
     targets_rich_table,
-    utc_now,
 )
-from dist_pgkm.bench.ptq import (  # type: ignore[import-not-found, unused-ignore]
+from .ptq import (
     MODELS,
     RTN_GROUP,
     _Evaluator,
     quantize_row,
     rtn_row,
 )
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
 
 __all__ = [
     "CALIB_TEXT",
@@ -128,30 +127,10 @@ class AwareOptions:
 
 
 @dataclass
-class AwareReport:
+class AwareReport(RowsReport):
     """Everything one run measured; :meth:`as_dict` is the JSON file."""
 
-    mode: str
-    command: str
-    machine: dict[str, Any]
-    commit: str | None
-    date: str
-    rows: list[dict[str, Any]] = field(default_factory=list)
-    targets: list[Target] = field(default_factory=list)
-    seconds: float = 0.0
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "benchmark": "ptq-aware",
-            "mode": self.mode,
-            "command": self.command,
-            "machine": self.machine,
-            "commit": self.commit,
-            "date": self.date,
-            "seconds": self.seconds,
-            "rows": self.rows,
-            "targets": [t.as_dict() for t in self.targets],
-        }
+    benchmark: ClassVar[str] = "ptq-aware"
 
 
 def cases(options: AwareOptions) -> list[Case]:
@@ -228,13 +207,7 @@ def run_benchmark(
 
     report_progress = progress or (lambda done, total, description: None)
     start = time.perf_counter()
-    report = AwareReport(
-        mode=options.mode,
-        command=options.command,
-        machine=machine_info(),
-        commit=git_commit(),
-        date=utc_now(),
-    )
+    report = AwareReport.start(options.mode, options.command)
     dirs = {"smollm2-135m": offline.smollm2_dir, "minilm-l6": offline.minilm_dir}
     todo = cases(options)
     evaluators: dict[str, Any] = {}

@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, TypeVar
 
 from rich.markup import escape
 from rich.table import Table
@@ -30,6 +30,7 @@ from dist_pgkm.utils.memory import format_bytes
 
 __all__ = [
     "MARKDOWN_INTRO",
+    "RowsReport",
     "Target",
     "atomic_write_text",
     "format_bytes",
@@ -92,6 +93,53 @@ class Target:
         if self.met is None:
             return "not measured"
         return "met" if self.met else "MISSED"
+
+
+_R = TypeVar("_R", bound="RowsReport")
+
+
+@dataclass
+class RowsReport:
+    """A benchmark run whose results are rows and targets; :meth:`as_dict` is the JSON file.
+
+    Subclasses name their benchmark (``benchmark``) and may add fields, which
+    :meth:`as_dict` includes after the common ones.
+    """
+
+    benchmark: ClassVar[str] = "rows"
+
+    mode: str
+    command: str
+    machine: dict[str, Any]
+    commit: str | None
+    date: str
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    targets: list[Target] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @classmethod
+    def start(cls: type[_R], mode: str, command: str) -> _R:
+        """An empty report of a run starting now, on this machine, at this commit."""
+        return cls(mode=mode, command=command, machine=machine_info(), commit=git_commit(),
+                   date=utc_now())  # fmt: skip
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "benchmark": self.benchmark,
+            "mode": self.mode,
+            "command": self.command,
+            "machine": self.machine,
+            "commit": self.commit,
+            "date": self.date,
+            "seconds": self.seconds,
+            "rows": self.rows,
+            "targets": [t.as_dict() for t in self.targets],
+        }
+        common = set(RowsReport.__dataclass_fields__)
+        for name in self.__dataclass_fields__:
+            if name not in common:
+                out[name] = getattr(self, name)
+        return out
 
 
 def utc_now() -> str:

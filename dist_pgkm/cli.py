@@ -722,56 +722,48 @@ def _register_inspect(subparsers: Subparsers, parents: list[argparse.ArgumentPar
 
 
 def _run_bench_ptq(args: argparse.Namespace) -> int:
-    from dist_pgkm.bench import ptq  # type: ignore[import-not-found, unused-ignore]
-    from dist_pgkm.bench.common import write_json  # type: ignore[import-not-found, unused-ignore]
+    from dist_pgkm.bench import aware, ptq  # type: ignore[import-not-found, unused-ignore]
 
+    command = shlex.join(["dist-pgkm", *args.argv])
     if args.aware:
-        return _run_bench_aware(args)
-
+        options: Any = aware.AwareOptions(
+            quick=args.quick, models=args.models, work_dir=args.work_dir, command=command
+        )
+        return _run_rows_benchmark(aware, options, args)
     options = ptq.PTQOptions(
         quick=args.quick,
         models=args.models,
         methods=args.methods,
         presets=args.presets,
         work_dir=args.work_dir,
-        command=shlex.join(["dist-pgkm", *args.argv]),
+        command=command,
     )
 
-    def save(report: Any) -> None:  # after every case: a long run stopped midway keeps its rows
-        if args.json is not None:
-            write_json(args.json, report.as_dict())
-        if args.md is not None:
-            ptq.write_markdown(args.md, report)
-            if not args.quick:  # the plots show the full comparison only
-                ptq.write_plots(args.md.parent / "img", report)
+    def plots(report: Any) -> None:  # the plots show the full comparison only
+        if not args.quick and args.md is not None:
+            ptq.write_plots(args.md.parent / "img", report)
 
-    with _progress() as update:
-        report = ptq.run_benchmark(options, progress=update, on_row=save)
-    ptq.render_report(_stdout_console(), report)
-    save(report)
-    return 0
+    return _run_rows_benchmark(ptq, options, args, plots)
 
 
-def _run_bench_aware(args: argparse.Namespace) -> int:
-    from dist_pgkm.bench import aware  # type: ignore[import-not-found, unused-ignore]
+def _run_rows_benchmark(
+    module: Any, options: Any, args: argparse.Namespace, also: Callable[[Any], None] | None = None
+) -> int:
+    """Run a benchmark module whose report is rows: live progress, and the JSON and markdown
+    rewritten after every case, so a long run stopped midway keeps its rows."""
     from dist_pgkm.bench.common import write_json  # type: ignore[import-not-found, unused-ignore]
 
-    options = aware.AwareOptions(
-        quick=args.quick,
-        models=args.models,
-        work_dir=args.work_dir,
-        command=shlex.join(["dist-pgkm", *args.argv]),
-    )
-
-    def save(report: Any) -> None:  # after every case: a long run stopped midway keeps its rows
+    def save(report: Any) -> None:
         if args.json is not None:
             write_json(args.json, report.as_dict())
         if args.md is not None:
-            aware.write_markdown(args.md, report)
+            module.write_markdown(args.md, report)
+        if also is not None:
+            also(report)
 
     with _progress() as update:
-        report = aware.run_benchmark(options, progress=update, on_row=save)
-    aware.render_report(_stdout_console(), report)
+        report = module.run_benchmark(options, progress=update, on_row=save)
+    module.render_report(_stdout_console(), report)
     save(report)
     return 0
 
