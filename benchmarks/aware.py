@@ -8,7 +8,7 @@ wordnet``, in a child process for
 
 * the preset as it is (``all``), PG k-means with no lever (``plain``), and, at the ablation
   level, every lever alone on top of ``plain`` (``+metric``, ``+scales``, ``+books``,
-  ``+outliers``), so each lever's worth is visible;
+  ``+outliers``, set as :data:`LEVERS` says), so each lever's worth is visible;
 * faiss and fairseq-em (iPQ's k-means) on ``plain``: the same codebook shapes, no lever (they
   cluster with the Euclidean distance only), in the LLM convention and on MiniLM;
 * per-group round-to-nearest (group 64, fp16 scale and minimum) at 4, 3 and 2 bits on the same
@@ -77,12 +77,14 @@ LEVELS: dict[int, str] = {4: "llm-4bit.yaml", 3: "llm-3bit.yaml", 2: "llm-2bit.y
 """Bit level -> the preset with every lever on (LLM convention)."""
 ABLATION_LEVEL = 3
 PLAIN: dict[str, Any] = {"metric": "weight", "scale": "none", "codebook_rows": 0, "outliers": 0.0}
-LEVERS: dict[str, tuple[str, ...]] = {
-    "+metric": ("metric",),
-    "+scales": ("scale", "scale_group"),
-    "+books": ("codebook_rows",),
-    "+outliers": ("outliers",),
+LEVERS: dict[str, dict[str, Any]] = {
+    "+metric": {"metric": "hessian"},
+    "+scales": {"scale": "row"},
+    "+books": {"codebook_rows": 64},
+    "+outliers": {"outliers": 0.0025},
 }
+"""The ablation: each lever alone on top of ``plain`` (one codebook per 64 rows: 64 divides
+the row counts of SmolLM2's and MiniLM's layers)."""
 VARIANTS = ("all", "plain", *LEVERS)
 BASELINES = ("faiss", "fairseq-em")
 PPL_GOALS = {4: 1.3, 3: 2.0}  # ppl <= goal x the original's, LLM convention
@@ -164,20 +166,18 @@ def variant_config(level: int, convention: str, variant: str, work: Path) -> Pat
     """Write the config of a case: the level's preset, the convention, the variant's levers.
 
     ``all`` keeps the preset's levers; ``plain`` turns every lever off; ``+LEVER`` is ``plain``
-    with that lever as the preset sets it.
+    with that lever as :data:`LEVERS` sets it. Block sizes and codebook sizes stay the
+    preset's.
     """
     import yaml
 
     data: dict[str, Any] = yaml.safe_load((_CONFIGS / LEVELS[level]).read_text(encoding="utf-8"))
     data["convention"] = convention
     if variant != "all":
-        keep = LEVERS.get(variant, ())
         for rule in data["rules"]:
-            if rule.get("skip"):
-                continue
-            for key, value in PLAIN.items():
-                if key not in keep:
-                    rule[key] = value
+            if not rule.get("skip"):
+                rule.update(PLAIN)
+                rule.update(LEVERS.get(variant, {}))
     path = work / "configs" / f"{Path(LEVELS[level]).stem}-{convention}-{variant}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
