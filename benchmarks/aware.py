@@ -106,6 +106,12 @@ class Case:
     def label(self) -> str:
         return f"{self.model} {self.convention} ~{self.level}b {self.variant} {self.method}"
 
+    def matches(self, row: Mapping[str, Any]) -> bool:
+        """Whether ``row`` is this case's result."""
+        if self.variant == "original":
+            return row.get("model") == self.model and row.get("variant") == "original"
+        return all(row.get(key) == getattr(self, key) for key in Case.__dataclass_fields__)
+
 
 @dataclass(frozen=True)
 class AwareOptions:
@@ -116,12 +122,15 @@ class AwareOptions:
         models: Models to run.
         work_dir: Where configs and checkpoints go (default: a temp dir removed at the end).
         command: The command line, recorded in the report.
+        done: Rows of an earlier, interrupted run of the same commit (``--resume``): their
+            cases are not run again.
     """
 
     quick: bool = False
     models: tuple[str, ...] = tuple(MODELS)
     work_dir: Path | None = None
     command: str = "dist-pgkm bench ptq --aware"
+    done: tuple[dict[str, Any], ...] = ()
 
     @property
     def mode(self) -> str:
@@ -208,6 +217,7 @@ def run_benchmark(
     report_progress = progress or (lambda done, total, description: None)
     start = time.perf_counter()
     report = AwareReport.start(options.mode, options.command)
+    report.rows = [dict(row) for row in options.done]
     dirs = {"smollm2-135m": offline.smollm2_dir, "minilm-l6": offline.minilm_dir}
     todo = cases(options)
     evaluators: dict[str, Any] = {}
@@ -215,6 +225,8 @@ def run_benchmark(
         work = Path(options.work_dir or tmp)
         work.mkdir(parents=True, exist_ok=True)
         for i, case in enumerate(todo):
+            if any(case.matches(row) for row in report.rows):
+                continue  # measured by the interrupted run this one resumes
             report_progress(i, len(todo), case.label)
             logger.info("ptq --aware: %s", case.label)
             if case.model not in evaluators:

@@ -727,7 +727,11 @@ def _run_bench_ptq(args: argparse.Namespace) -> int:
     command = shlex.join(["dist-pgkm", *args.argv])
     if args.aware:
         options: Any = aware.AwareOptions(
-            quick=args.quick, models=args.models, work_dir=args.work_dir, command=command
+            quick=args.quick,
+            models=args.models,
+            work_dir=args.work_dir,
+            command=command,
+            done=_resumed_rows(args.json, "ptq-aware") if args.resume else (),
         )
         return _run_rows_benchmark(aware, options, args)
     options = ptq.PTQOptions(
@@ -744,6 +748,29 @@ def _run_bench_ptq(args: argparse.Namespace) -> int:
             ptq.write_plots(args.md.parent / "img", report)
 
     return _run_rows_benchmark(ptq, options, args, plots)
+
+
+def _resumed_rows(path: Path | None, benchmark: str) -> tuple[dict[str, Any], ...]:
+    """The rows an interrupted run saved in ``path`` (``--resume``), checked to be of this
+    benchmark and of the current commit (rows of other code would be mixed in otherwise)."""
+    import json
+
+    from dist_pgkm.bench.common import git_commit  # type: ignore[import-not-found, unused-ignore]
+
+    if path is None or not path.is_file():
+        raise InvalidInputError(
+            f"--resume continues the run saved in --json PATH; {path} does not exist. Run "
+            "without --resume to start one."
+        )
+    data = json.loads(path.read_text(encoding="utf-8"))
+    commit = git_commit()
+    if data.get("benchmark") != benchmark or data.get("commit") != commit:
+        raise InvalidInputError(
+            f"{path} holds a {data.get('benchmark')!r} run of commit {data.get('commit')}; "
+            f"--resume continues a {benchmark!r} run of this commit ({commit}). Run without "
+            "--resume (or with another --json PATH) to start a new one."
+        )
+    return tuple(data.get("rows", ()))
 
 
 def _run_rows_benchmark(
@@ -988,6 +1015,11 @@ def _register_bench_ptq(subparsers: Subparsers, parents: list[argparse.ArgumentP
             "row-group codebooks, outliers) at ~4/3/2 bits/weight in the LLM and iPQ "
             "conventions, against plain PG k-means, faiss, fairseq-em and RTN"
         ),
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="with --aware: keep the rows the --json file of an interrupted run holds",
     )
     p.add_argument("--json", type=Path, metavar="PATH", help="write the report as JSON")
     p.add_argument(

@@ -104,3 +104,18 @@ def test_markdown_section(tmp_path: Path) -> None:
     assert start in text
     assert end in text
     assert "| smollm2-135m | llm | ~3 | all | pgkm | 3.100 | 25.5 | 1.50 | 0.0100 | 100 |" in text
+
+
+def test_resume_skips_the_measured_cases() -> None:
+    done = (
+        _row(model="smollm2-135m", variant="original", convention="-", level=0, ppl=17.0),
+        _row(model="smollm2-135m", variant="plain", ppl=40.0),
+        _row(model="smollm2-135m", variant="all", ppl=25.0),
+    )
+    assert all(
+        any(case.matches(row) for row in done)
+        for case in aware.cases(aware.AwareOptions(quick=True))
+    )
+    report = aware.run_benchmark(aware.AwareOptions(quick=True, done=done))
+    assert report.rows == [dict(row) for row in done]  # nothing ran again
+    assert not aware.Case("smollm2-135m", "llm", 3, "plain", "faiss").matches(done[1])
