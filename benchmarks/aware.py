@@ -31,19 +31,15 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
 
 from .common import (
     MARKDOWN_INTRO,
     RowsReport,
     Target,
     format_value,
-    machine_line,
-    markdown_table,
+    print_rows,
     replace_marker_section,
-    targets_markdown,
-    targets_rich_table,
+    rows_section,
 )
 from .ptq import (
     MODELS,
@@ -363,19 +359,8 @@ def _cells(row: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> list[st
 
 def render_report(console: Console, report: AwareReport) -> None:
     """Print the results and the targets."""
-    table = Table(title=f"Activation-aware PTQ ({report.mode})", title_justify="left")
-    for column, align in zip(_COLUMNS, _ALIGN, strict=True):
-        table.add_column(column, justify="right" if align == "r" else "left")
-    for row in report.rows:
-        table.add_row(*(escape(c) for c in _cells(row, report.rows)))
-    console.print(table)
-    if report.targets:
-        console.print(targets_rich_table(report.targets))
-    console.print(
-        f"{report.mode} mode, {report.seconds:.0f} s, commit {report.commit or 'unknown'}",
-        markup=False,
-        highlight=False,
-    )
+    cells = [_cells(r, report.rows) for r in report.rows]
+    print_rows(console, "Activation-aware PTQ", report, _COLUMNS, _ALIGN, cells)
 
 
 _ABOUT = (
@@ -392,20 +377,8 @@ _ABOUT = (
 
 
 def markdown_section(report: AwareReport) -> str:
-    return "\n".join(
-        [
-            f"### Activation-aware PTQ ({report.mode} mode)",
-            "",
-            _ABOUT,
-            "",
-            f"Command: `{report.command}` ({report.seconds:.0f} s)",
-            "",
-            machine_line(report.machine, report.commit, report.date),
-            "",
-            markdown_table(_COLUMNS, [_cells(r, report.rows) for r in report.rows], align=_ALIGN),
-            targets_markdown(report.targets),
-        ]
-    )
+    cells = [_cells(r, report.rows) for r in report.rows]
+    return rows_section("Activation-aware PTQ", _ABOUT, report, _COLUMNS, _ALIGN, cells)
 
 
 def write_markdown(path: Path, report: AwareReport) -> None:

@@ -22,6 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
+from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
@@ -39,7 +40,9 @@ __all__ = [
     "machine_info",
     "machine_line",
     "markdown_table",
+    "print_rows",
     "replace_marker_section",
+    "rows_section",
     "section_markers",
     "targets_markdown",
     "targets_rich_table",
@@ -417,3 +420,55 @@ def targets_rich_table(targets: Sequence[Target], title: str = "Targets") -> Tab
             escape(t.note),
         )
     return table
+
+
+def print_rows(
+    console: Console,
+    title: str,
+    report: RowsReport,
+    columns: Sequence[str],
+    align: str,
+    cells: Sequence[Sequence[str]],
+    footer: str = "",
+) -> None:
+    """Print a row report on the terminal: its table, its targets, mode, time and commit."""
+    table = Table(title=f"{title} ({report.mode})", title_justify="left")
+    for column, side in zip(columns, align, strict=True):
+        table.add_column(column, justify="right" if side == "r" else "left")
+    for row in cells:
+        table.add_row(*(escape(c) for c in row))
+    console.print(table)
+    if report.targets:
+        console.print(targets_rich_table(report.targets))
+    console.print(
+        f"{report.mode} mode, {report.seconds:.0f} s, commit {report.commit or 'unknown'}"
+        + (f"; {footer}" if footer else ""),
+        markup=False,
+        highlight=False,
+    )
+
+
+def rows_section(
+    title: str,
+    about: str,
+    report: RowsReport,
+    columns: Sequence[str],
+    align: str,
+    cells: Sequence[Sequence[str]],
+) -> str:
+    """A row report as a markdown section: title, what it measures, command, machine and commit,
+    the table and the targets."""
+    return "\n".join(
+        [
+            f"### {title} ({report.mode} mode)",
+            "",
+            about,
+            "",
+            f"Command: `{report.command}` ({report.seconds:.0f} s)",
+            "",
+            machine_line(report.machine, report.commit, report.date),
+            "",
+            markdown_table(columns, cells, align=align),
+            targets_markdown(report.targets),
+        ]
+    )

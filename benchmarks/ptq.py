@@ -26,8 +26,6 @@ from typing import Any, ClassVar
 
 import torch
 from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
 
 from .common import (
     MARKDOWN_INTRO,
@@ -35,11 +33,9 @@ from .common import (
     Target,
     format_bytes,
     format_value,
-    machine_line,
-    markdown_table,
+    print_rows,
     replace_marker_section,
-    targets_markdown,
-    targets_rich_table,
+    rows_section,
 )
 
 __all__ = [
@@ -485,21 +481,12 @@ def _cells(row: Mapping[str, Any]) -> list[str]:
 
 def render_report(console: Console, report: PTQReport) -> None:
     """Print the results and the targets."""
-    table = Table(title=f"PTQ benchmark ({report.mode})", title_justify="left")
-    for column, align in zip(_COLUMNS, _ALIGN, strict=True):
-        table.add_column(column, justify="right" if align == "r" else "left")
-    for row in report.rows:
-        table.add_row(*(escape(c) for c in _cells(row)))
-    console.print(table)
-    if report.targets:
-        console.print(targets_rich_table(report.targets))
-    console.print(
-        f"{report.mode} mode, {report.seconds:.0f} s, commit {report.commit or 'unknown'}; "
+    footer = (
         "bits/w = bits per quantized weight, codebooks included; x fp16 = the model in fp16 over "
-        "the checkpoint",
-        markup=False,
-        highlight=False,
+        "the checkpoint"
     )
+    cells = [_cells(r) for r in report.rows]
+    print_rows(console, "PTQ benchmark", report, _COLUMNS, _ALIGN, cells, footer)
 
 
 _ABOUT = (
@@ -515,20 +502,8 @@ _ABOUT = (
 
 
 def markdown_section(report: PTQReport) -> str:
-    return "\n".join(
-        [
-            f"### Whole-model PTQ ({report.mode} mode)",
-            "",
-            _ABOUT,
-            "",
-            f"Command: `{report.command}` ({report.seconds:.0f} s)",
-            "",
-            machine_line(report.machine, report.commit, report.date),
-            "",
-            markdown_table(_COLUMNS, [_cells(r) for r in report.rows], align=_ALIGN),
-            targets_markdown(report.targets),
-        ]
-    )
+    cells = [_cells(r) for r in report.rows]
+    return rows_section("Whole-model PTQ", _ABOUT, report, _COLUMNS, _ALIGN, cells)
 
 
 def write_markdown(path: Path, report: PTQReport) -> None:
