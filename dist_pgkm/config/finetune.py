@@ -61,11 +61,15 @@ class DKMConfig(_Strict):
             (``1..block_size``), or ``auto``: chosen per layer by
             :func:`dist_pgkm.dkm.lr2vq.choose_rank` when the stage starts.
         clusterer: ``method: lr2vq`` only: the soft k-means it runs in the rank-``d`` space.
+        solver_iters: IDKM's backward solve: at most this many fixed-point iterations per
+            layer and step (each one vector-Jacobian product through a soft k-means step);
+            a solve cut there uses the series so far (docs/dkm.md).
     """
 
     tau: float = Field(1.0, gt=0)
     iters: int = Field(5, ge=1)
     chunk: int = Field(65536, ge=1)
+    solver_iters: int = Field(50, ge=1)
     rank: int | Literal["auto"] = "auto"
     clusterer: Literal["dkm", "idkm", "idkm-jfb"] = "idkm"
 
@@ -106,6 +110,12 @@ class Stage(_Strict):
             raise ValueError(
                 f"dkm.{sorted(given)[0]} applies to method: lr2vq only (this stage's method is "
                 f"{self.method})"
+            )
+        idkm = self.method == "idkm" or (self.method == "lr2vq" and self.dkm.clusterer == "idkm")
+        if "solver_iters" in self.dkm.model_fields_set and not idkm:
+            raise ValueError(
+                "dkm.solver_iters sets IDKM's backward solve; this stage does not run IDKM "
+                "(method idkm, or lr2vq with clusterer idkm)"
             )
         return self
 

@@ -607,6 +607,7 @@ class _Run:
             tau=stage.dkm.tau,
             iters=stage.dkm.iters,
             chunk=stage.dkm.chunk,
+            solver_iters=stage.dkm.solver_iters,
         )
         ranks = self.ranks.on_leader(functools.partial(self._lr2vq_ranks, i)) if lr2vq else {}
         q_dir = self.stage_dir(i) / "quantize"
@@ -647,6 +648,13 @@ class _Run:
         """End of a DKM stage: hard-assign every layer and swap in PQ modules (codes fixed)."""
         if self.dkm is None:
             return
+        if any(layer.stats.calls for layer in self.dkm):
+            # IDKM's backward solves in this process (a resumed stage counts from its restart).
+            self.state.data.setdefault("idkm_solves", {})[str(i)] = {
+                "calls": sum(layer.stats.calls for layer in self.dkm),
+                "truncated": sum(layer.stats.truncated for layer in self.dkm),
+                "fallbacks": sum(layer.stats.fallbacks for layer in self.dkm),
+            }
         for job in self.stages[i]:
             centroids, codes = self.dkm[job.name].export()
             _swap_in(self.model, job, centroids, codes)
@@ -828,9 +836,11 @@ class _Run:
         for i, (stage, jobs) in enumerate(zip(self.config.stages, self.stages, strict=True)):
             losses = [h["loss"] for h in self.state.data["history"] if h["stage"] == i]
             ranks = self.state.data.get("lr2vq_rank", {}).get(str(i))
+            solves = self.state.data.get("idkm_solves", {}).get(str(i))
             rows.append({
                 "name": stage.name, "method": stage.method, "layers": len(jobs),
                 **({"lr2vq_rank": ranks} if ranks else {}),
+                **({"idkm_solves": solves} if solves else {}),
                 "steps": stage.steps,
                 "loss_first": losses[0] if losses else None,
                 "loss_last": losses[-1] if losses else None,

@@ -85,6 +85,24 @@ def test_default_stages_cover_llama_and_bert_names(name: str, stage: str | None)
             },
             "rank 0: give a dimension of at least 1",
         ),
+        (
+            {
+                "quantize": "ptq-4bit.yaml",
+                "stages": [
+                    {"name": "a", "match": "x", "method": "dkm", "dkm": {"solver_iters": 5}}
+                ],
+            },
+            "dkm.solver_iters sets IDKM's backward solve; this stage does not run IDKM",
+        ),
+        (
+            {
+                "quantize": "ptq-4bit.yaml",
+                "stages": [
+                    {"name": "a", "match": "x", "method": "idkm", "dkm": {"solver_iters": 0}}
+                ],
+            },
+            r"dkm\.solver_iters: Input should be greater than or equal to 1",
+        ),
     ],
 )
 def test_bad_configs_name_the_key(data: dict[str, object], message: str) -> None:
@@ -98,3 +116,10 @@ def test_quantize_path_is_relative_to_the_config(tmp_path: Path) -> None:
     config = load_finetune_config(tmp_path / "ft.yaml")
     assert config.seed == 3
     assert config.quantize.rules[0].k == 16
+
+
+def test_idkm_solver_cap_reaches_the_stage() -> None:
+    stage = {"name": "a", "match": "x", "method": "lr2vq", "dkm": {"solver_iters": 4}}
+    config = load_finetune_config({"quantize": "ptq-4bit.yaml", "stages": [stage]})
+    assert config.stages[0].dkm.solver_iters == 4  # lr2vq's default clusterer is idkm
+    assert load_finetune_config({"quantize": "ptq-4bit.yaml"}).stages[0].dkm.solver_iters == 50
