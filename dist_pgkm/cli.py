@@ -399,7 +399,10 @@ def _run_finetune(args: argparse.Namespace) -> int:
     auto: Any = transformers.AutoTokenizer
     tokenizer = auto.from_pretrained(str(model_dir))
     text = config.train.text
-    ids = tokenize(tokenizer, load_text([] if text == "wordnet" else [text]))
+    if config.train.objective == "causal-lm":
+        ids = tokenize(tokenizer, load_text([] if text == "wordnet" else [text]))
+    else:
+        ids = _training_sentences(tokenizer, text, config.train.seq_len)
     with finetune_progress() as update:
         summary = finetune_model(
             model_dir,
@@ -442,6 +445,25 @@ def _run_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _training_sentences(tokenizer: Any, text: str, seq_len: int) -> Any:
+    """Sentences for ``objective: embedding-distill``, tokenized and padded to ``seq_len``.
+
+    ``wordnet``: the glosses and lemmas no retrieval evaluation can use
+    (:func:`dist_pgkm.eval.retrieval.training_texts`); a file: its non-empty lines.
+    """
+    from dist_pgkm.eval.retrieval import training_texts
+    from dist_pgkm.eval.text import load_text
+
+    if text == "wordnet":
+        sentences = training_texts()
+    else:
+        sentences = [line.strip() for line in load_text([text]).splitlines() if line.strip()]
+    encoded = tokenizer(
+        sentences, padding="max_length", truncation=True, max_length=seq_len, return_tensors="pt"
+    )
+    return encoded["input_ids"]
+
+
 def _register_finetune(subparsers: Subparsers, parents: list[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser(
         "finetune",
@@ -453,7 +475,11 @@ def _register_finetune(subparsers: Subparsers, parents: list[argparse.ArgumentPa
             "into the checkpoint format of `quantize`. Running it again resumes."
         ),
     )
-    p.add_argument("model", help="HF causal-LM directory, or smollm2-135m")
+    p.add_argument(
+        "model",
+        help="HF causal-LM directory, or smollm2-135m; a sentence encoder (minilm-l6) with "
+        "train.objective embedding-distill",
+    )
     p.add_argument("--config", type=Path, required=True, help="finetune config (YAML)")
     p.add_argument("--out", type=Path, required=True, metavar="DIR", help="output directory")
     p.add_argument("--resume", action="store_true", help="require an existing run in DIR")

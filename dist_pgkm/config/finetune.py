@@ -149,10 +149,16 @@ class TrainOptions(_Strict):
         centroid_lr: Learning rate of the codebooks (None: ``lr``).
         weight_decay: AdamW weight decay.
         warmup_steps: Linear warm-up at the start of each stage.
-        distill: Weight of the KL divergence to the original model's logits (0: off).
+        distill: ``causal-lm`` only: weight of the KL divergence to the original model's
+            logits (0: off).
         temperature: Distillation temperature.
         text: Training text: ``wordnet`` (default), or a path to a UTF-8 file.
         max_grad_norm: Gradient clipping (0: off).
+        objective: ``causal-lm`` (default): next-token loss of a causal LM on windows of the
+            text. ``embedding-distill``: for sentence encoders (e.g. all-MiniLM-L6-v2, a
+            ``BertModel``): one minus the cosine similarity between the model's mean-pooled
+            sentence embedding and the original model's, on sentences of the text padded to
+            ``seq_len`` tokens (with ``wordnet``, glosses no retrieval evaluation uses).
     """
 
     batch_size: int = Field(4, ge=1)
@@ -166,12 +172,23 @@ class TrainOptions(_Strict):
     temperature: float = Field(1.0, gt=0)
     text: str = "wordnet"
     max_grad_norm: float = Field(1.0, ge=0)
+    objective: Literal["causal-lm", "embedding-distill"] = "causal-lm"
 
     @model_validator(mode="after")
     def _micro_divides(self) -> TrainOptions:
         micro = self.micro_batch_size or self.batch_size
         if self.batch_size % micro:
             raise ValueError(f"micro_batch_size {micro} must divide batch_size {self.batch_size}")
+        return self
+
+    @model_validator(mode="after")
+    def _distill_is_causal(self) -> TrainOptions:
+        if self.objective == "embedding-distill" and self.distill > 0:
+            raise ValueError(
+                "distill (the KL to the original logits) applies to objective causal-lm; "
+                "embedding-distill already trains towards the original model's embeddings: "
+                "drop distill"
+            )
         return self
 
     @property
