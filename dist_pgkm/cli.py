@@ -748,6 +748,8 @@ def _register_bench_finetune(
 
 
 def _run_bench_dkm(args: argparse.Namespace) -> int:
+    import json
+
     from dist_pgkm.bench import dkm  # type: ignore[import-not-found, unused-ignore]
     from dist_pgkm.bench.common import write_json  # type: ignore[import-not-found, unused-ignore]
 
@@ -758,7 +760,17 @@ def _run_bench_dkm(args: argparse.Namespace) -> int:
         command=shlex.join(["dist-pgkm", *args.argv]),
         chunk=args.chunk,
         repeats=args.repeats,
+        models=args.models,
+        methods=args.methods,
     )
+    previous = None
+    if args.json is not None and args.json.is_file() and not args.fresh:
+        previous = dkm.DKMBenchReport.from_dict(json.loads(args.json.read_text(encoding="utf-8")))
+        if previous.mode != options.mode:
+            raise InvalidInputError(
+                f"{args.json} holds a {previous.mode}-mode report; this {options.mode}-mode run "
+                "would mix with it. Write to another --json file, or pass --fresh to replace it."
+            )
 
     def save(report: Any) -> None:  # after every case: a long run stopped midway keeps its rows
         if args.json is not None:
@@ -767,9 +779,15 @@ def _run_bench_dkm(args: argparse.Namespace) -> int:
             dkm.write_markdown(args.md, report)
 
     with _progress() as update:
-        report = dkm.run_benchmark(options, progress=update, on_row=save)
+        report = dkm.run_benchmark(options, progress=update, on_row=save, previous=previous)
     dkm.render_report(_stdout_console(), report)
     save(report)
+    failed = [f"{r['model']} {r['method']}" for r in report.quality_rows if "error" in r]
+    if failed:
+        sys.stderr.write(
+            f"error: these runs failed (see the log and --json): {', '.join(failed)}\n"
+        )
+        return 1
     return 0
 
 
@@ -779,6 +797,9 @@ def _register_bench_dkm(subparsers: Subparsers, parents: list[argparse.ArgumentP
         ITERS,
         LAYER,
         PARTS,
+        QUALITY,
+        QUALITY_METHODS,
+        QUALITY_QUICK_STEPS,
         QUICK_ITERS,
         QUICK_REPEATS,
         REPEATS,
@@ -788,25 +809,33 @@ def _register_bench_dkm(subparsers: Subparsers, parents: list[argparse.ArgumentP
     p = subparsers.add_parser(
         "dkm",
         parents=parents,
-        help="DKM vs IDKM vs IDKM-JFB on a SmolLM2 layer: autograd memory, peak RSS, backward time",
+        help="DKM, IDKM, IDKM-JFB, LR²VQ: memory and time against t; quality vs staged iPQ",
         description=(
-            f"Soft k-means on SmolLM2-135M's {LAYER} (block size {BLOCK_SIZE}, k {K}) with each "
-            f"method at t = {', '.join(map(str, ITERS))} steps, each case in its own process: "
-            "bytes autograd saves, peak RSS of forward + backward, forward and backward seconds, "
-            "IDKM's solver iterations; targets computed from them."
+            f"Part memory: soft k-means on SmolLM2-135M's {LAYER} (block size {BLOCK_SIZE}, k "
+            f"{K}) with each method at t = {', '.join(map(str, ITERS))} steps, each case in its "
+            "own process: bytes autograd saves, peak RSS of forward + backward, forward and "
+            "backward seconds, IDKM's solver iterations. Part quality: `dist-pgkm finetune` "
+            "of SmolLM2-135M (perplexity) and MiniLM (retrieval top-1) with each method in the "
+            "MLP stage against staged iPQ, same bits and steps (hours on 2 cores). An existing "
+            "--json report is continued: parts, models and methods not run are kept."
         ),
     )
     p.add_argument(
         "--quick",
         action="store_true",
-        help=f"t = {', '.join(map(str, QUICK_ITERS))} on a slice of the layer: a smoke run, "
-        "targets not judged",
+        help=f"memory: t = {', '.join(map(str, QUICK_ITERS))} on a slice of the layer; quality: "
+        f"{QUALITY_QUICK_STEPS} step per stage; a smoke run, memory targets not judged",
     )
-    p.add_argument("--json", type=Path, metavar="PATH", help="write the report as JSON")
+    p.add_argument(
+        "--json", type=Path, metavar="PATH", help="write the report as JSON (continued if present)"
+    )
+    p.add_argument("--fresh", action="store_true", help="start a new report even if --json exists")
     p.add_argument(
         "--md", type=Path, metavar="PATH", help="rewrite the dkm section of this markdown file"
     )
     _add_choice_list(p, "--parts", PARTS)
+    _add_choice_list(p, "--models", tuple(QUALITY))
+    _add_choice_list(p, "--methods", QUALITY_METHODS)
     p.add_argument(
         "--chunk",
         type=_positive_int,
