@@ -34,8 +34,30 @@ ratio is 1 up to timing noise. 1.2 leaves room for that noise on a shared 2-core
 runs of this same backward at different ``t`` were up to ~1.2x apart while a CI job ran beside
 them) while DKM's backward, which grows about t-fold, stays far outside it.
 
-The report keeps a ``quality_rows`` list for a second part (quality after training), which this
-module does not run yet.
+Part ``quality`` (issue 6 §2): each method fine-tunes a model at the same bits with the same
+budget, and the result is evaluated as ``bench ptq`` evaluates (same held-out data):
+
+* **SmolLM2-135M** (held-out perplexity): the staged iPQ preset
+  (``configs/smollm2-135m-ipq-finetune.yaml``: MLP, then the tied embedding / LM head, then
+  attention; bs 8 / 4 / 8, K 256) with a smaller step budget (:data:`QUALITY`), because a
+  DKM-family step clusters all 90 MLP weights softly in its forward;
+* **all-MiniLM-L6-v2** (gloss-to-lemma retrieval top-1): ``configs/minilm-ipq-finetune.yaml``,
+  the same three stages on the encoder, trained by distilling the original's sentence
+  embeddings (``objective: embedding-distill``) on WordNet texts no retrieval query or
+  candidate can be.
+
+For every method the config is the preset's with only the MLP stage's ``method:`` (and its
+``dkm:`` options) changed (:func:`quality_config`): ``ipq`` is staged iPQ + Quant-Noise with PG
+k-means; ``dkm``, ``idkm``, ``idkm-jfb`` and ``lr2vq`` train that stage's float weights
+through soft k-means started from the same PG k-means codebooks. Embeddings and attention are
+``ipq`` stages for every method. Each run is the real ``dist-pgkm finetune`` in a child
+process (its wall time and peak RSS are its own), loaded back with :func:`dist_pgkm.load` and
+evaluated; the original model and one-shot ``dist-pgkm quantize`` with the same quantize
+config are the reference rows.
+
+A run of some parts (or some models and methods of the quality part) can start from an earlier
+report (``--json`` of an existing file does): what it does not run is kept, with the commit and
+machine it was measured on.
 """
 
 from __future__ import annotations
@@ -47,6 +69,7 @@ import json
 import logging
 import math
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -83,13 +106,19 @@ from dist_pgkm.utils.memory import peak_rss_bytes
 __all__ = [
     "METHODS",
     "PARTS",
+    "QUALITY",
+    "QUALITY_METHODS",
     "DKMBenchOptions",
     "DKMBenchReport",
+    "QualitySpec",
     "compute_targets",
     "linear_fit",
     "markdown_section",
     "measure_case",
     "memory_child",
+    "quality_cases",
+    "quality_config",
+    "quality_targets",
     "render_report",
     "run_benchmark",
     "write_markdown",
@@ -99,7 +128,7 @@ logger = logging.getLogger(__name__)
 
 ProgressHook = Callable[[int, int, str], None]
 
-PARTS = ("memory",)
+PARTS = ("memory", "quality")
 METHODS: tuple[Method, ...] = ("dkm", "idkm", "idkm-jfb")
 MODEL = "smollm2-135m"
 LAYER = "model.layers.0.mlp.up_proj"
@@ -117,6 +146,72 @@ LINEAR_R2_GOAL = 0.99  # DKM's saved bytes against t
 FLAT_PEAK_GOAL = 1.1  # IDKM / IDKM-JFB peak RSS, largest t / smallest t
 JFB_BACKWARD_GOAL = 1.2  # IDKM-JFB backward seconds, largest t / smallest t (timing noise)
 
+_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+QUALITY_METHODS = ("ipq", "dkm", "idkm", "idkm-jfb", "lr2vq")
+QUALITY_QUICK_STEPS = 1  # per stage, quick mode
+BITS_SPREAD_GOAL = 0.01  # max / min bits per weight over one model's rows, minus 1
+
+
+@dataclass(frozen=True)
+class QualitySpec:
+    """How the quality part trains one model: a finetune preset and the budget of every method.
+
+    Attributes:
+        model: Packaged model name (``dist-pgkm finetune MODEL``).
+        preset: Finetune preset in ``configs/``; its quantize config sets every layer's block
+            size and K (so the bits), its stages, learning rates and Quant-Noise are kept.
+        stage: Name of the stage whose ``method:`` varies (the MLP: most of the weights).
+        steps: Optimizer steps per stage, in the preset's order (None: the preset's).
+        train: Overrides of the preset's ``train`` section (batch size, warm-up).
+        dkm: ``dkm:`` options of every DKM-family method in that stage.
+        method_dkm: Further ``dkm:`` options per method.
+    """
+
+    model: str
+    preset: str
+    stage: str
+    steps: tuple[int, ...] | None = None
+    train: Mapping[str, Any] = field(default_factory=dict)
+    dkm: Mapping[str, Any] = field(default_factory=dict)
+    method_dkm: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+
+# Soft k-means options shared by the DKM family: 2 steps per forward from the previous step's
+# centroids (with 1, DKM's unrolled gradient and JFB's are the same function), tau as
+# DKMLayer's default. IDKM's backward solve is capped at 4 iterations (vector-Jacobian products
+# through one soft step each): the default 50 would make one SmolLM2 step take hours on 2 cores
+# (docs/dkm.md: the solve runs to its cap from PG k-means' codebooks). LR²VQ clusters its
+# rank-d space (d by the rule) with IDKM-JFB, the cheapest gradient.
+_DKM: dict[str, Any] = {"tau": 1.0, "iters": 2}
+_METHOD_DKM: dict[str, dict[str, Any]] = {
+    "idkm": {"solver_iters": 4},
+    "lr2vq": {"rank": "auto", "clusterer": "idkm-jfb"},
+}
+
+QUALITY: dict[str, QualitySpec] = {
+    # The preset as it is (minilm-ipq-finetune.yaml is this benchmark's budget).
+    "minilm-l6": QualitySpec(
+        model="minilm-l6",
+        preset="minilm-ipq-finetune.yaml",
+        stage="mlp",
+        dkm=_DKM,
+        method_dkm=_METHOD_DKM,
+    ),
+    # 4 steps per stage instead of the preset's 100 / 60 / 100: a DKM-family step clusters all
+    # 90 MLP weights (110,592 sub-vectors x 256 centroids each) softly in its forward and
+    # backward (tokens/s of each method in docs/benchmarks.md).
+    "smollm2-135m": QualitySpec(
+        model="smollm2-135m",
+        preset="smollm2-135m-ipq-finetune.yaml",
+        stage="mlp",
+        steps=(4, 4, 4),
+        train={"batch_size": 8, "warmup_steps": 1},
+        dkm=_DKM,
+        method_dkm=_METHOD_DKM,
+    ),
+}
+"""The models of the quality part and the budget every method gets on each."""
+
 
 @dataclass(frozen=True)
 class DKMBenchOptions:
@@ -132,9 +227,12 @@ class DKMBenchOptions:
         chunk: Sub-vectors per piece of the attention (None: the whole ``(n, k)`` at once).
         repeats: Runs per case, the first being the memory run (default: :data:`REPEATS`, or
             :data:`QUICK_REPEATS` in quick mode).
+        models: Models of the quality part (keys of :data:`QUALITY`).
+        methods: Methods of the quality part (:data:`QUALITY_METHODS`); the original and
+            one-shot rows come with any of them.
 
     Raises:
-        InvalidInputError: An unknown part, ``chunk < 1`` or ``repeats < 1``.
+        InvalidInputError: An unknown part, model or method, ``chunk < 1`` or ``repeats < 1``.
     """
 
     quick: bool = False
@@ -143,13 +241,19 @@ class DKMBenchOptions:
     command: str = "dist-pgkm bench dkm"
     chunk: int | None = None
     repeats: int | None = None
+    models: tuple[str, ...] = tuple(QUALITY)
+    methods: tuple[str, ...] = QUALITY_METHODS
 
     def __post_init__(self) -> None:
-        unknown = [p for p in self.parts if p not in PARTS]
-        if unknown or not self.parts:
-            raise InvalidInputError(
-                f"bench dkm parts {list(self.parts)}: choose among {', '.join(PARTS)}."
-            )
+        for what, given, known in (
+            ("parts", self.parts, PARTS),
+            ("models", self.models, tuple(QUALITY)),
+            ("methods", self.methods, QUALITY_METHODS),
+        ):
+            if not given or any(g not in known for g in given):
+                raise InvalidInputError(
+                    f"bench dkm {what} {list(given)}: choose among {', '.join(known)}."
+                )
         if (self.chunk is not None and self.chunk < 1) or (
             self.repeats is not None and self.repeats < 1
         ):
@@ -175,10 +279,12 @@ class DKMBenchOptions:
 
 @dataclass
 class DKMBenchReport:
-    """Everything one run measured; :meth:`as_dict` is the JSON file.
+    """Everything measured; :meth:`as_dict` is the JSON file, :meth:`from_dict` reads it back.
 
-    ``setup`` holds what each part ran on, by part name; ``memory_rows`` one row per method and
-    ``t``; ``quality_rows`` is filled by a quality part (none yet).
+    ``setup`` holds what each part ran on, by part name; ``runs`` where and when each part last
+    ran (command, commit, date, machine, seconds), by part name; ``memory_rows`` one row per
+    method and ``t``; ``quality_rows`` one row per model and method (each with its commit).
+    The top-level command, commit and date are the last invocation's.
     """
 
     mode: str
@@ -186,7 +292,8 @@ class DKMBenchReport:
     machine: dict[str, Any]
     commit: str | None
     date: str
-    setup: dict[str, dict[str, Any]] = field(default_factory=dict)
+    setup: dict[str, Any] = field(default_factory=dict)
+    runs: dict[str, dict[str, Any]] = field(default_factory=dict)
     memory_rows: list[dict[str, Any]] = field(default_factory=list)
     quality_rows: list[dict[str, Any]] = field(default_factory=list)
     targets: list[Target] = field(default_factory=list)
@@ -201,11 +308,44 @@ class DKMBenchReport:
             "commit": self.commit,
             "date": self.date,
             "seconds": self.seconds,
+            "runs": self.runs,
             "setup": self.setup,
             "memory_rows": self.memory_rows,
             "quality_rows": self.quality_rows,
             "targets": [t.as_dict() for t in self.targets],
         }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> DKMBenchReport:
+        """A report written by :meth:`as_dict` (an earlier run, possibly of fewer parts).
+
+        Raises:
+            InvalidInputError: ``data`` is not a ``bench dkm`` report.
+        """
+        if data.get("benchmark") != "dkm":
+            raise InvalidInputError(
+                f"not a bench dkm report (benchmark: {data.get('benchmark')!r}); pass the JSON "
+                "file `dist-pgkm bench dkm --json` wrote, or another path to start a new one."
+            )
+        runs = {k: dict(v) for k, v in (data.get("runs") or {}).items()}
+        if not runs and data.get("memory_rows"):  # written before runs were recorded per part
+            runs["memory"] = {k: data.get(k) for k in _RUN_KEYS}
+        return cls(
+            mode=data["mode"],
+            command=data["command"],
+            machine=dict(data["machine"]),
+            commit=data.get("commit"),
+            date=data["date"],
+            setup=dict(data.get("setup") or {}),
+            runs=runs,
+            memory_rows=list(data.get("memory_rows") or []),
+            quality_rows=list(data.get("quality_rows") or []),
+            targets=[Target(**t) for t in data.get("targets") or []],
+            seconds=float(data.get("seconds") or 0.0),
+        )
+
+
+_RUN_KEYS = ("command", "commit", "date", "machine", "seconds")
 
 
 # --- one case, in a child process -------------------------------------------------------------
@@ -454,17 +594,184 @@ def _run_memory(
             {"method": method, "t": t, "n": setup["n"], "k": setup["k"], "chunk": options.chunk}
             | measured
         )
-        report.targets = compute_targets(report.memory_rows, quick=options.quick)
+        report.targets = compute_targets(
+            report.memory_rows, quick=options.quick, quality_rows=report.quality_rows
+        )
         report.seconds = time.perf_counter() - start
         if on_row is not None:
             on_row(report)
     progress(len(cases), len(cases), "done")
 
 
+# --- the quality part -------------------------------------------------------------------------
+
+
+def quality_config(model: str, method: str, quick: bool = False) -> dict[str, Any]:
+    """The finetune config ``method`` runs on ``model`` in the quality part (YAML-ready).
+
+    The preset of :data:`QUALITY` ``[model]`` with the spec's steps and ``train`` overrides (or
+    :data:`QUALITY_QUICK_STEPS` per stage in quick mode), its quantize config given by absolute
+    path, and in the spec's stage ``method: METHOD`` plus, for the DKM family, the spec's
+    ``dkm:`` options and the method's own. Nothing else differs between methods.
+
+    Raises:
+        InvalidInputError: An unknown model or method.
+    """
+    import yaml
+
+    if model not in QUALITY or method not in QUALITY_METHODS:
+        raise InvalidInputError(
+            f"quality config for {model!r}, {method!r}: models are {', '.join(QUALITY)}, "
+            f"methods {', '.join(QUALITY_METHODS)}."
+        )
+    spec = QUALITY[model]
+    data: dict[str, Any] = yaml.safe_load((_CONFIGS / spec.preset).read_text(encoding="utf-8"))
+    data["quantize"] = str(_CONFIGS / data["quantize"])
+    data["train"] = {**data.get("train", {}), **spec.train}
+    stages = data["stages"]
+    steps = spec.steps or tuple(stage["steps"] for stage in stages)
+    assert len(steps) == len(stages), f"{spec.preset}: one step count per stage"
+    for stage, n in zip(stages, steps, strict=True):
+        stage["steps"] = QUALITY_QUICK_STEPS if quick else n
+    (stage,) = [st for st in stages if st["name"] == spec.stage]
+    stage["method"] = method
+    if method != "ipq":
+        stage["dkm"] = {**spec.dkm, **spec.method_dkm.get(method, {})}
+    return data
+
+
+def quality_cases(options: DKMBenchOptions) -> list[tuple[str, str]]:
+    """``(model, case)`` of the quality part in order: ``original``, ``one-shot``, methods."""
+    return [
+        (model, case)
+        for model in options.models
+        for case in ("original", "one-shot", *options.methods)
+    ]
+
+
+def _quality_setup(model: str, options: DKMBenchOptions) -> dict[str, Any]:
+    """What every method of ``model`` shares (from the configs themselves), for the report."""
+    from dist_pgkm.config.finetune import load_finetune_config
+
+    spec = QUALITY[model]
+    base = load_finetune_config(quality_config(model, "ipq", options.quick))
+    return {
+        "preset": spec.preset,
+        "quantize": Path(quality_config(model, "ipq")["quantize"]).name,
+        "stage": spec.stage,
+        "stages": [{"name": s.name, "steps": s.steps} for s in base.stages],
+        "train": base.train.model_dump(mode="json"),
+        "noise": base.noise.model_dump(mode="json"),
+        "deepspeed": base.deepspeed.model_dump(mode="json"),
+        "dkm": {method: _stage_dkm(model, method) for method in QUALITY_METHODS[1:]},
+    }
+
+
+def _stage_dkm(model: str, method: str) -> dict[str, Any]:
+    """The ``dkm:`` options ``method`` trains ``model``'s varied stage with."""
+    stages = quality_config(model, method)["stages"]
+    (stage,) = [s for s in stages if s["name"] == QUALITY[model].stage]
+    return dict(stage.get("dkm", {}))
+
+
+def _evaluator(model: str) -> Any:
+    from dist_pgkm.bench.ptq import MODELS, _Evaluator  # type: ignore[import-not-found, unused-ignore]
+
+    from dist_pgkm.models import offline
+
+    directory = offline.smollm2_dir() if model == "smollm2-135m" else offline.minilm_dir()
+    return _Evaluator(MODELS[model], directory)
+
+
+def _quality_row(
+    model: str, case: str, options: DKMBenchOptions, work: Path, evaluate: Any
+) -> dict[str, Any]:
+    """Run one case (train or quantize in a child process), load it back, evaluate it."""
+    import yaml
+    from dist_pgkm.bench.finetune import (  # type: ignore[import-not-found, unused-ignore]
+        finetune_row,
+        one_shot_row,
+    )
+
+    import dist_pgkm
+
+    start = time.perf_counter()
+    if case == "original":
+        row: dict[str, Any] = {"bits_per_weight": 32.0, **evaluate(evaluate.original())}
+        row["seconds"] = time.perf_counter() - start
+        return row
+    out = work / f"{model}-{case}"
+    if case == "one-shot":
+        row = one_shot_row(model, Path(quality_config(model, "ipq")["quantize"]), out)
+    else:
+        config_path = work / f"{model}-{case}.yaml"
+        config_path.write_text(
+            yaml.safe_dump(quality_config(model, case, options.quick), sort_keys=False),
+            encoding="utf-8",
+        )
+        row = finetune_row(model, config_path, out)
+    loaded = dist_pgkm.load(out, dense=True)
+    row.update(evaluate(loaded))
+    del loaded
+    shutil.rmtree(out, ignore_errors=True)
+    return row
+
+
+def _run_quality(
+    options: DKMBenchOptions,
+    work: Path,
+    report: DKMBenchReport,
+    progress: ProgressHook,
+    on_row: Callable[[DKMBenchReport], None] | None,
+    start: float,
+) -> None:
+    cases = quality_cases(options)
+    setups = report.setup.setdefault("quality", {})
+    for model in options.models:
+        setups[model] = _quality_setup(model, options)
+    # Rows of an earlier run that this one does not redo are kept (with their commit).
+    redo = set(cases)
+    report.quality_rows = [r for r in report.quality_rows if (r["model"], r["method"]) not in redo]
+    evaluators: dict[str, Any] = {}  # one per model: the held-out data is prepared once
+    for i, (model, case) in enumerate(cases):
+        label = f"{model} {case}"
+        progress(i, len(cases), label)
+        logger.info("dkm bench quality: %s", label)
+        if model not in evaluators:
+            evaluators[model] = _evaluator(model)
+        try:
+            row = _quality_row(model, case, options, work, evaluators[model])
+        except RuntimeError as exc:  # its child process failed: keep it, go on with the rest
+            logger.error("dkm bench quality: %s failed: %s", label, exc)
+            row = {"error": str(exc)[-2000:]}
+        report.quality_rows.append(
+            {"model": model, "method": case, **row, "commit": report.commit, "date": utc_now()}
+        )
+        report.quality_rows.sort(key=_quality_order)
+        report.targets = compute_targets(
+            report.memory_rows, quick=options.quick, quality_rows=report.quality_rows
+        )
+        report.runs["quality"]["seconds"] = time.perf_counter() - start
+        report.seconds = time.perf_counter() - start
+        if on_row is not None:
+            on_row(report)
+    progress(len(cases), len(cases), "done")
+
+
+def _quality_order(row: Mapping[str, Any]) -> tuple[int, int]:
+    models = list(QUALITY)
+    cases = ["original", "one-shot", *QUALITY_METHODS]
+    return (
+        models.index(row["model"]) if row["model"] in models else len(models),
+        cases.index(row["method"]) if row["method"] in cases else len(cases),
+    )
+
+
 def run_benchmark(
     options: DKMBenchOptions,
     progress: ProgressHook | None = None,
     on_row: Callable[[DKMBenchReport], None] | None = None,
+    previous: DKMBenchReport | None = None,
 ) -> DKMBenchReport:
     """Run the selected parts, then compute the targets from their rows.
 
@@ -473,26 +780,51 @@ def run_benchmark(
         progress: Called before each case.
         on_row: Called with the report so far after each case, so that a long run interrupted
             midway still leaves its finished rows.
+        previous: An earlier report to continue: the parts (and quality rows) this run does
+            not redo are kept as they were measured.
 
     Raises:
-        ModelSourceError: SmolLM2-135M is not installed.
+        ModelSourceError: SmolLM2-135M (or MiniLM, for the quality part) is not installed.
         RuntimeError: A child process failed.
     """
     report_progress = progress or (lambda done, total, description: None)
     start = time.perf_counter()
-    report = DKMBenchReport(
-        mode=options.mode,
-        command=options.command,
-        machine=machine_info({"torch_threads": torch.get_num_threads()}),
-        commit=git_commit(),
-        date=utc_now(),
-    )
+    machine = machine_info({"torch_threads": torch.get_num_threads()})
+    commit, date = git_commit(), utc_now()
+    if previous is not None:
+        report = previous
+        report.mode, report.command, report.machine = options.mode, options.command, machine
+        report.commit, report.date = commit, date
+    else:
+        report = DKMBenchReport(
+            mode=options.mode, command=options.command, machine=machine, commit=commit, date=date
+        )
+    redo = set(quality_cases(options))
+    for part in options.parts:
+        earlier = report.runs.get(part)
+        run: dict[str, Any] = {
+            "command": options.command, "commit": commit, "date": date, "machine": machine,
+            "seconds": 0.0, "mode": options.mode,
+        }  # fmt: skip
+        kept = [r for r in report.quality_rows if (r["model"], r["method"]) not in redo]
+        if part == "quality" and earlier and kept:  # rows of earlier runs stay in the table
+            previous_run = {k: earlier.get(k) for k in ("command", "commit", "date", "seconds")}
+            run["earlier"] = [*earlier.get("earlier", []), previous_run]
+        report.runs[part] = run
     with tempfile.TemporaryDirectory(prefix="dist-pgkm-dkm-") as tmp:
         work = Path(options.work_dir or tmp)
         work.mkdir(parents=True, exist_ok=True)
         if "memory" in options.parts:
+            report.memory_rows = []
             _run_memory(options, work, report, report_progress, on_row, start)
+            report.runs["memory"]["seconds"] = time.perf_counter() - start
+        if "quality" in options.parts:
+            quality_start = time.perf_counter()
+            _run_quality(options, work, report, report_progress, on_row, quality_start)
     report.seconds = time.perf_counter() - start
+    report.targets = compute_targets(
+        report.memory_rows, quick=options.quick, quality_rows=report.quality_rows
+    )
     return report
 
 
@@ -610,11 +942,69 @@ def _jfb_backward(
     )
 
 
-def compute_targets(memory_rows: Sequence[Mapping[str, Any]], quick: bool = False) -> list[Target]:
-    """The targets of issue 6 §3 from the memory rows (not judged in quick mode).
+def _trained(rows: Sequence[Mapping[str, Any]], model: str) -> list[Mapping[str, Any]]:
+    return [r for r in rows if r["model"] == model and r["method"] in QUALITY_METHODS]
 
-    A target appears once its method has rows at two values of ``t``; it is judged (met or
-    MISSED) on a full run only once every ``t`` of :data:`ITERS` is there.
+
+def quality_targets(rows: Sequence[Mapping[str, Any]]) -> list[Target]:
+    """Matched bits and matched budget, per model of the quality rows.
+
+    ``bits:MODEL``: the largest bits/weight of its one-shot and trained rows over the smallest,
+    minus 1, at most :data:`BITS_SPREAD_GOAL` (the methods are compared at the same bits).
+    ``budget:MODEL``: every trained row took the same optimizer steps of the same tokens.
+    Both are facts of the runs, so they are judged in quick mode too.
+    """
+    targets: list[Target] = []
+    rows = [r for r in rows if "error" not in r]  # a failed run measured nothing
+    for model in dict.fromkeys(r["model"] for r in rows):
+        quantized = [r for r in rows if r["model"] == model and r["method"] != "original"]
+        bits = {r["method"]: float(r["bits_per_weight"]) for r in quantized}
+        if len(bits) >= 2:
+            spread = max(bits.values()) / min(bits.values()) - 1
+            low, high = min(bits, key=bits.__getitem__), max(bits, key=bits.__getitem__)
+            targets.append(
+                Target(
+                    id=f"bits:{model}",
+                    name=f"{model}: bits/weight, largest / smallest over its rows, minus 1",
+                    measured=round(spread, 6),
+                    target=f"<= {BITS_SPREAD_GOAL}",
+                    met=spread <= BITS_SPREAD_GOAL,
+                    note=f"{low} {bits[low]:.4f}, {high} {bits[high]:.4f}"
+                    if spread > 0
+                    else f"all {len(bits)} rows {bits[low]:.4f}",
+                    detail={"bits_per_weight": bits},
+                )
+            )
+        trained = _trained(rows, model)
+        budgets = {(r["train_steps"], r["train_tokens"]) for r in trained}
+        if trained:
+            steps, tokens = sorted(budgets)[0]
+            targets.append(
+                Target(
+                    id=f"budget:{model}",
+                    name=f"{model}: every method trained the same optimizer steps and tokens",
+                    measured=f"{steps} steps, {tokens:,} tokens"
+                    if len(budgets) == 1
+                    else f"{len(budgets)} budgets",
+                    target="one budget",
+                    met=len(budgets) == 1,
+                    note=", ".join(r["method"] for r in trained),
+                    detail={r["method"]: [r["train_steps"], r["train_tokens"]] for r in trained},
+                )
+            )
+    return targets
+
+
+def compute_targets(
+    memory_rows: Sequence[Mapping[str, Any]],
+    quick: bool = False,
+    quality_rows: Sequence[Mapping[str, Any]] = (),
+) -> list[Target]:
+    """The targets of issue 6 §3 from the memory rows (not judged in quick mode), then
+    :func:`quality_targets` of the quality rows.
+
+    A memory target appears once its method has rows at two values of ``t``; it is judged (met
+    or MISSED) on a full run only once every ``t`` of :data:`ITERS` is there.
     """
     targets: list[Target] = []
     dkm = _by_t(memory_rows, "dkm")
@@ -627,7 +1017,7 @@ def compute_targets(memory_rows: Sequence[Mapping[str, Any]], quick: bool = Fals
     jfb = _by_t(memory_rows, "idkm-jfb")
     if len(jfb) >= 2:
         targets.append(_jfb_backward(jfb, dkm, quick))
-    return targets
+    return targets + quality_targets(quality_rows)
 
 
 # --- output -----------------------------------------------------------------------------------
@@ -656,6 +1046,65 @@ def _memory_cells(row: Mapping[str, Any]) -> list[str]:
     ]
 
 
+_QUALITY_COLUMNS = (
+    "model", "method", "bits/w", "ppl / top-1", "vs ipq", "steps", "tokens/s", "time s",
+    "peak RSS", "note",
+)  # fmt: skip
+_QUALITY_ALIGN = "llrrrrrrrl"
+
+
+def _metric(row: Mapping[str, Any]) -> float | None:
+    value = row.get("ppl", row.get("top1"))
+    return None if value is None else float(value)
+
+
+def _versus_ipq(row: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> str:
+    """Perplexity over the ipq row's (``x1.23``), or top-1 minus the ipq row's (``+0.012``)."""
+    ipq = next((r for r in rows if r["model"] == row["model"] and r["method"] == "ipq"), None)
+    value = _metric(row)
+    base = _metric(ipq) if ipq is not None else None
+    if value is None or base is None:
+        return "-"
+    if "ppl" in row:
+        return f"x{value / base:.3f}"
+    return f"{value - base:+.3f}"
+
+
+def _quality_note(row: Mapping[str, Any]) -> str:
+    if error := row.get("error"):
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        return f"FAILED: {lines[-1][:160] if lines else 'no message'}"
+    notes = []
+    for stage in row.get("stages") or []:
+        if ranks := stage.get("lr2vq_rank"):
+            counts: dict[int, int] = {}
+            for d in ranks.values():
+                counts[d] = counts.get(d, 0) + 1
+            notes.append("d " + ", ".join(f"{d} ({n} layers)" for d, n in sorted(counts.items())))
+        if solves := stage.get("idkm_solves"):
+            notes.append(
+                f"solves cut at the cap {solves['truncated']}/{solves['calls']}, fell back "
+                f"{solves['fallbacks']}"
+            )
+    return "; ".join(notes)
+
+
+def _quality_cells(row: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    metric = _metric(row)
+    return [
+        row["model"],
+        row["method"],
+        format_value(row.get("bits_per_weight"), ".3f"),
+        "-" if metric is None else f"{metric:,.1f}" if "ppl" in row else f"{metric:.3f}",
+        _versus_ipq(row, rows),
+        format_value(row.get("train_steps"), "d"),
+        format_value(row.get("tokens_per_second"), ",.0f"),
+        format_value(row.get("seconds"), ".1f"),
+        format_bytes(row["peak_rss_bytes"]) if row.get("peak_rss_bytes") else "-",
+        _quality_note(row),
+    ]
+
+
 def render_report(console: Console, report: DKMBenchReport) -> None:
     """Print the results and the targets."""
     if report.memory_rows:
@@ -664,6 +1113,13 @@ def render_report(console: Console, report: DKMBenchReport) -> None:
             table.add_column(column, justify="right" if align == "r" else "left")
         for row in report.memory_rows:
             table.add_row(*(escape(c) for c in _memory_cells(row)))
+        console.print(table)
+    if report.quality_rows:
+        table = Table(title=f"Quality at matched bits ({report.mode})", title_justify="left")
+        for column, align in zip(_QUALITY_COLUMNS, _QUALITY_ALIGN, strict=True):
+            table.add_column(column, justify="right" if align == "r" else "left")
+        for row in report.quality_rows:
+            table.add_row(*(escape(c) for c in _quality_cells(row, report.quality_rows)))
         console.print(table)
     if report.targets:
         console.print(targets_rich_table(report.targets))
@@ -701,8 +1157,27 @@ def _memory_about(setup: Mapping[str, Any]) -> str:
     )
 
 
+def _run_line(run: Mapping[str, Any] | None) -> list[str]:
+    """Command, time, machine and commit of one part's last run (markdown lines), and the
+    commands of earlier runs whose rows the table keeps."""
+    if not run:
+        return []
+    lines = [f"Command: `{run['command']}` ({float(run.get('seconds') or 0):.0f} s)"]
+    lines += [
+        f"Earlier rows: `{e['command']}` ({float(e.get('seconds') or 0):.0f} s, commit "
+        f"`{e.get('commit') or 'unknown'}`, {e.get('date')})"
+        for e in run.get("earlier") or []
+    ]
+    return [
+        "\n".join(lines),
+        "",
+        machine_line(run.get("machine") or {}, run.get("commit"), run.get("date") or "?"),
+        "",
+    ]
+
+
 def _memory_markdown(report: DKMBenchReport) -> list[str]:
-    lines = ["#### Memory and time against t", ""]
+    lines = ["#### Memory and time against t", "", *_run_line(report.runs.get("memory"))]
     setup = report.setup.get("memory")
     if setup is not None:
         lines += [_memory_about(setup), ""]
@@ -713,19 +1188,76 @@ def _memory_markdown(report: DKMBenchReport) -> list[str]:
     return lines
 
 
+_MODEL_NAMES = {"smollm2-135m": "SmolLM2-135M", "minilm-l6": "all-MiniLM-L6-v2"}
+
+
+def _dkm_options(options: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in options.items()) or "defaults"
+
+
+def _quality_about(model: str, setup: Mapping[str, Any]) -> str:
+    train, noise, ds = setup["train"], setup["noise"], setup["deepspeed"]
+    stages = " -> ".join(
+        f"{s['name']} ({'METHOD' if s['name'] == setup['stage'] else 'ipq'}, {s['steps']})"
+        for s in setup["stages"]
+    )
+    dkm = "; ".join(f"{m}: {_dkm_options(o)}" for m, o in setup["dkm"].items())
+    objective = (
+        "next-token loss"
+        if train["objective"] == "causal-lm"
+        else "distillation of the original's mean-pooled sentence embeddings (1 - cosine)"
+    )
+    return (
+        f"{_MODEL_NAMES.get(model, model)}: preset `{setup['preset']}` (quantize config "
+        f"`{setup['quantize']}`, so the same bits for every row). Stages (method, optimizer "
+        f"steps): {stages}; each step {train['batch_size']} sequences of {train['seq_len']} "
+        f"tokens, {objective}, lr {train['lr']:g} for float weights and "
+        f"{train['centroid_lr'] or train['lr']:g} for codebooks, warm-up {train['warmup_steps']} "
+        f"steps, Quant-Noise p {noise['p']:g} ({noise['mode']}) on the layers of later stages, "
+        f"DeepSpeed ZeRO-{ds['zero_stage']} {ds['dtype']}. Soft k-means options (`dkm:`) "
+        f"per method: {dkm}."
+    )
+
+
+_QUALITY_INTRO = (
+    "Each method trains the stage named METHOD (the MLP, most of the weights) and nothing else "
+    "differs between rows of a model: ipq is staged iPQ + Quant-Noise with PG k-means (codes "
+    "fixed, codebooks trained); dkm / idkm / idkm-jfb / lr2vq train the float weights through "
+    "soft k-means started from the same PG k-means codebooks and fix the codes at the end of "
+    "the stage. Each run is `dist-pgkm finetune` in its own process (time and peak RSS are its "
+    "own), then `dist_pgkm.load(dense=True)` and the evaluation of `bench ptq`: SmolLM2 "
+    "perplexity on 8,176 held-out tokens of WordNet glosses (training uses the other windows), "
+    "MiniLM top-1 of gloss-to-lemma retrieval among 1,000 lemmas (training uses WordNet texts "
+    "that are no query or candidate of any draw). one-shot: `dist-pgkm quantize` with the same "
+    "quantize config. vs ipq: ppl over the ipq row's, or top-1 minus the ipq row's. tokens/s: "
+    "training only (MiniLM: padded positions); time: the whole command; note: LR²VQ ranks "
+    "chosen, IDKM backward solves that reached their cap (and fell back to JFB) over all of them."
+)
+
+
+def _quality_markdown(report: DKMBenchReport) -> list[str]:
+    lines = ["#### Quality at matched bits", "", *_run_line(report.runs.get("quality"))]
+    lines += [_QUALITY_INTRO, ""]
+    for model, setup in (report.setup.get("quality") or {}).items():
+        lines += [_quality_about(model, setup), ""]
+    commits = sorted({str(r.get("commit")) for r in report.quality_rows})
+    if len(commits) > 1:
+        lines += [f"Rows measured at commits {', '.join(f'`{c}`' for c in commits)}.", ""]
+    cells = [_quality_cells(r, report.quality_rows) for r in report.quality_rows]
+    lines.append(
+        markdown_table(_QUALITY_COLUMNS, cells, align=_QUALITY_ALIGN, group_first_column=True)
+    )
+    return lines
+
+
 def markdown_section(report: DKMBenchReport) -> str:
     """The ``dkm`` section of ``docs/benchmarks.md``: every part that has rows, then targets."""
-    title = "### DKM, IDKM, IDKM-JFB" + (" (quick mode)" if report.mode == "quick" else "")
-    lines = [
-        title,
-        "",
-        f"Command: `{report.command}` ({report.seconds:.0f} s)",
-        "",
-        machine_line(report.machine, report.commit, report.date),
-        "",
-    ]
+    title = "### DKM, IDKM, IDKM-JFB, LR²VQ" + (" (quick mode)" if report.mode == "quick" else "")
+    lines = [title, ""]
     if report.memory_rows:
         lines += _memory_markdown(report)
+    if report.quality_rows:
+        lines += _quality_markdown(report)
     lines.append(targets_markdown(report.targets))
     return "\n".join(lines)
 

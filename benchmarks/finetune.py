@@ -56,6 +56,8 @@ __all__ = [
     "FinetuneBenchOptions",
     "FinetuneBenchReport",
     "compute_targets",
+    "finetune_row",
+    "one_shot_row",
     "render_report",
     "run_benchmark",
     "write_markdown",
@@ -174,39 +176,45 @@ def _checkpoint_columns(info: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def _one_shot_row(pair: PresetPair, work: Path) -> tuple[dict[str, Any], Path]:
-    out = work / f"one-shot-{pair.name}"
+def one_shot_row(model: str, config: Path, out: Path) -> dict[str, Any]:
+    """Run ``dist-pgkm quantize MODEL --config CONFIG --out OUT`` in a child process.
+
+    Returns:
+        The row's columns: checkpoint size and bits, wall time, peak RSS (``method``
+        ``one-shot``, no training).
+    """
     shutil.rmtree(out, ignore_errors=True)
-    args = ["quantize", MODEL, "--config", str(_CONFIGS / pair.quantize), "--out", str(out)]
-    summary, wall = _run_cli(args, work / f"{out.name}.json")
-    row = {
+    args = ["quantize", model, "--config", str(config), "--out", str(out)]
+    summary, wall = _run_cli(args, out.parent / f"{out.name}.json")
+    return {
         "method": "one-shot",
-        "preset": pair.name,
-        "config": pair.quantize,
+        "config": config.name,
         **_checkpoint_columns(summary["checkpoint"]),
         "seconds": wall,
         "train_steps": 0,
         "tokens_per_second": None,
         "peak_rss_bytes": summary["peak_rss_bytes"],
     }
-    return row, out
 
 
-def _staged_row(pair: PresetPair, work: Path, quick: bool) -> tuple[dict[str, Any], Path]:
+def finetune_row(model: str, config_path: Path, out: Path) -> dict[str, Any]:
+    """Run ``dist-pgkm finetune MODEL --config CONFIG --out OUT`` in a child process.
+
+    Returns:
+        The row's columns: checkpoint size and bits, wall time of the whole command, optimizer
+        steps and tokens (from the config), training tokens/s and peak RSS (from the run's
+        summary), the training dtype and the per-stage summaries.
+    """
     from dist_pgkm.config.finetune import load_finetune_config
 
-    out = work / f"staged-{pair.name}"
     shutil.rmtree(out, ignore_errors=True)
-    config_path = _quick_config(pair, work) if quick else _CONFIGS / pair.finetune
     config = load_finetune_config(config_path)
-    args = ["finetune", MODEL, "--config", str(config_path), "--out", str(out)]
-    summary, wall = _run_cli(args, work / f"{out.name}.json")
+    args = ["finetune", model, "--config", str(config_path), "--out", str(out)]
+    summary, wall = _run_cli(args, out.parent / f"{out.name}.json")
     tps = summary["tokens_per_second"]
     tokens = config.total_steps * config.train.batch_size * config.train.seq_len
-    row = {
-        "method": "staged",
-        "preset": pair.name,
-        "config": pair.finetune,
+    return {
+        "config": config_path.name,
         **_checkpoint_columns(summary["checkpoint"]),
         "seconds": wall,
         "train_steps": config.total_steps,
@@ -217,7 +225,19 @@ def _staged_row(pair: PresetPair, work: Path, quick: bool) -> tuple[dict[str, An
         "dtype": config.deepspeed.dtype,
         "stages": summary["stages"],
     }
-    return row, out
+
+
+def _one_shot_row(pair: PresetPair, work: Path) -> tuple[dict[str, Any], Path]:
+    out = work / f"one-shot-{pair.name}"
+    row = one_shot_row(MODEL, _CONFIGS / pair.quantize, out)
+    return {"method": "one-shot", "preset": pair.name, **row}, out
+
+
+def _staged_row(pair: PresetPair, work: Path, quick: bool) -> tuple[dict[str, Any], Path]:
+    out = work / f"staged-{pair.name}"
+    config_path = _quick_config(pair, work) if quick else _CONFIGS / pair.finetune
+    row = finetune_row(MODEL, config_path, out)
+    return {"method": "staged", "preset": pair.name, **row, "config": pair.finetune}, out
 
 
 def _evaluator() -> Any:

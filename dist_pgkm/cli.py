@@ -504,7 +504,10 @@ def _run_finetune(args: argparse.Namespace) -> int:
     auto: Any = transformers.AutoTokenizer
     tokenizer = auto.from_pretrained(str(model_dir))
     text = config.train.text
-    ids = tokenize(tokenizer, load_text([] if text == "wordnet" else [text]))
+    if config.train.objective == "causal-lm":
+        ids = tokenize(tokenizer, load_text([] if text == "wordnet" else [text]))
+    else:
+        ids = _training_sentences(tokenizer, text, config.train.seq_len)
     with finetune_progress() as update:
         summary = finetune_model(
             model_dir,
@@ -547,6 +550,25 @@ def _run_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _training_sentences(tokenizer: Any, text: str, seq_len: int) -> Any:
+    """Sentences for ``objective: embedding-distill``, tokenized and padded to ``seq_len``.
+
+    ``wordnet``: the glosses and lemmas no retrieval evaluation can use
+    (:func:`dist_pgkm.eval.retrieval.training_texts`); a file: its non-empty lines.
+    """
+    from dist_pgkm.eval.retrieval import training_texts
+    from dist_pgkm.eval.text import load_text
+
+    if text == "wordnet":
+        sentences = training_texts()
+    else:
+        sentences = [line.strip() for line in load_text([text]).splitlines() if line.strip()]
+    encoded = tokenizer(
+        sentences, padding="max_length", truncation=True, max_length=seq_len, return_tensors="pt"
+    )
+    return encoded["input_ids"]
+
+
 def _register_finetune(subparsers: Subparsers, parents: list[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser(
         "finetune",
@@ -558,7 +580,11 @@ def _register_finetune(subparsers: Subparsers, parents: list[argparse.ArgumentPa
             "into the checkpoint format of `quantize`. Running it again resumes."
         ),
     )
-    p.add_argument("model", help="HF causal-LM directory, or smollm2-135m")
+    p.add_argument(
+        "model",
+        help="HF causal-LM directory, or smollm2-135m; a sentence encoder (minilm-l6) with "
+        "train.objective embedding-distill",
+    )
     p.add_argument("--config", type=Path, required=True, help="finetune config (YAML)")
     p.add_argument("--out", type=Path, required=True, metavar="DIR", help="output directory")
     p.add_argument("--resume", action="store_true", help="require an existing run in DIR")
@@ -875,6 +901,8 @@ def _register_bench_finetune(
 
 
 def _run_bench_dkm(args: argparse.Namespace) -> int:
+    import json
+
     from dist_pgkm.bench import dkm  # type: ignore[import-not-found, unused-ignore]
     from dist_pgkm.bench.common import write_json  # type: ignore[import-not-found, unused-ignore]
 
@@ -885,7 +913,17 @@ def _run_bench_dkm(args: argparse.Namespace) -> int:
         command=shlex.join(["dist-pgkm", *args.argv]),
         chunk=args.chunk,
         repeats=args.repeats,
+        models=args.models,
+        methods=args.methods,
     )
+    previous = None
+    if args.json is not None and args.json.is_file() and not args.fresh:
+        previous = dkm.DKMBenchReport.from_dict(json.loads(args.json.read_text(encoding="utf-8")))
+        if previous.mode != options.mode:
+            raise InvalidInputError(
+                f"{args.json} holds a {previous.mode}-mode report; this {options.mode}-mode run "
+                "would mix with it. Write to another --json file, or pass --fresh to replace it."
+            )
 
     def save(report: Any) -> None:  # after every case: a long run stopped midway keeps its rows
         if args.json is not None:
@@ -894,9 +932,15 @@ def _run_bench_dkm(args: argparse.Namespace) -> int:
             dkm.write_markdown(args.md, report)
 
     with _progress() as update:
-        report = dkm.run_benchmark(options, progress=update, on_row=save)
+        report = dkm.run_benchmark(options, progress=update, on_row=save, previous=previous)
     dkm.render_report(_stdout_console(), report)
     save(report)
+    failed = [f"{r['model']} {r['method']}" for r in report.quality_rows if "error" in r]
+    if failed:
+        sys.stderr.write(
+            f"error: these runs failed (see the log and --json): {', '.join(failed)}\n"
+        )
+        return 1
     return 0
 
 
@@ -906,6 +950,9 @@ def _register_bench_dkm(subparsers: Subparsers, parents: list[argparse.ArgumentP
         ITERS,
         LAYER,
         PARTS,
+        QUALITY,
+        QUALITY_METHODS,
+        QUALITY_QUICK_STEPS,
         QUICK_ITERS,
         QUICK_REPEATS,
         REPEATS,
@@ -915,25 +962,33 @@ def _register_bench_dkm(subparsers: Subparsers, parents: list[argparse.ArgumentP
     p = subparsers.add_parser(
         "dkm",
         parents=parents,
-        help="DKM vs IDKM vs IDKM-JFB on a SmolLM2 layer: autograd memory, peak RSS, backward time",
+        help="DKM, IDKM, IDKM-JFB, LR²VQ: memory and time against t; quality vs staged iPQ",
         description=(
-            f"Soft k-means on SmolLM2-135M's {LAYER} (block size {BLOCK_SIZE}, k {K}) with each "
-            f"method at t = {', '.join(map(str, ITERS))} steps, each case in its own process: "
-            "bytes autograd saves, peak RSS of forward + backward, forward and backward seconds, "
-            "IDKM's solver iterations; targets computed from them."
+            f"Part memory: soft k-means on SmolLM2-135M's {LAYER} (block size {BLOCK_SIZE}, k "
+            f"{K}) with each method at t = {', '.join(map(str, ITERS))} steps, each case in its "
+            "own process: bytes autograd saves, peak RSS of forward + backward, forward and "
+            "backward seconds, IDKM's solver iterations. Part quality: `dist-pgkm finetune` "
+            "of SmolLM2-135M (perplexity) and MiniLM (retrieval top-1) with each method in the "
+            "MLP stage against staged iPQ, same bits and steps (hours on 2 cores). An existing "
+            "--json report is continued: parts, models and methods not run are kept."
         ),
     )
     p.add_argument(
         "--quick",
         action="store_true",
-        help=f"t = {', '.join(map(str, QUICK_ITERS))} on a slice of the layer: a smoke run, "
-        "targets not judged",
+        help=f"memory: t = {', '.join(map(str, QUICK_ITERS))} on a slice of the layer; quality: "
+        f"{QUALITY_QUICK_STEPS} step per stage; a smoke run, memory targets not judged",
     )
-    p.add_argument("--json", type=Path, metavar="PATH", help="write the report as JSON")
+    p.add_argument(
+        "--json", type=Path, metavar="PATH", help="write the report as JSON (continued if present)"
+    )
+    p.add_argument("--fresh", action="store_true", help="start a new report even if --json exists")
     p.add_argument(
         "--md", type=Path, metavar="PATH", help="rewrite the dkm section of this markdown file"
     )
     _add_choice_list(p, "--parts", PARTS)
+    _add_choice_list(p, "--models", tuple(QUALITY))
+    _add_choice_list(p, "--methods", QUALITY_METHODS)
     p.add_argument(
         "--chunk",
         type=_positive_int,

@@ -61,11 +61,15 @@ class DKMConfig(_Strict):
             (``1..block_size``), or ``auto``: chosen per layer by
             :func:`dist_pgkm.dkm.lr2vq.choose_rank` when the stage starts.
         clusterer: ``method: lr2vq`` only: the soft k-means it runs in the rank-``d`` space.
+        solver_iters: IDKM's backward solve: at most this many fixed-point iterations per
+            layer and step (each one vector-Jacobian product through a soft k-means step);
+            a solve cut there uses the series so far (docs/dkm.md).
     """
 
     tau: float = Field(1.0, gt=0)
     iters: int = Field(5, ge=1)
     chunk: int = Field(65536, ge=1)
+    solver_iters: int = Field(50, ge=1)
     rank: int | Literal["auto"] = "auto"
     clusterer: Literal["dkm", "idkm", "idkm-jfb"] = "idkm"
 
@@ -107,6 +111,12 @@ class Stage(_Strict):
                 f"dkm.{sorted(given)[0]} applies to method: lr2vq only (this stage's method is "
                 f"{self.method})"
             )
+        idkm = self.method == "idkm" or (self.method == "lr2vq" and self.dkm.clusterer == "idkm")
+        if "solver_iters" in self.dkm.model_fields_set and not idkm:
+            raise ValueError(
+                "dkm.solver_iters sets IDKM's backward solve; this stage does not run IDKM "
+                "(method idkm, or lr2vq with clusterer idkm)"
+            )
         return self
 
     @field_validator("match", mode="before")
@@ -139,10 +149,16 @@ class TrainOptions(_Strict):
         centroid_lr: Learning rate of the codebooks (None: ``lr``).
         weight_decay: AdamW weight decay.
         warmup_steps: Linear warm-up at the start of each stage.
-        distill: Weight of the KL divergence to the original model's logits (0: off).
+        distill: ``causal-lm`` only: weight of the KL divergence to the original model's
+            logits (0: off).
         temperature: Distillation temperature.
         text: Training text: ``wordnet`` (default), or a path to a UTF-8 file.
         max_grad_norm: Gradient clipping (0: off).
+        objective: ``causal-lm`` (default): next-token loss of a causal LM on windows of the
+            text. ``embedding-distill``: for sentence encoders (e.g. all-MiniLM-L6-v2, a
+            ``BertModel``): one minus the cosine similarity between the model's mean-pooled
+            sentence embedding and the original model's, on sentences of the text padded to
+            ``seq_len`` tokens (with ``wordnet``, glosses no retrieval evaluation uses).
     """
 
     batch_size: int = Field(4, ge=1)
@@ -156,12 +172,23 @@ class TrainOptions(_Strict):
     temperature: float = Field(1.0, gt=0)
     text: str = "wordnet"
     max_grad_norm: float = Field(1.0, ge=0)
+    objective: Literal["causal-lm", "embedding-distill"] = "causal-lm"
 
     @model_validator(mode="after")
     def _micro_divides(self) -> TrainOptions:
         micro = self.micro_batch_size or self.batch_size
         if self.batch_size % micro:
             raise ValueError(f"micro_batch_size {micro} must divide batch_size {self.batch_size}")
+        return self
+
+    @model_validator(mode="after")
+    def _distill_is_causal(self) -> TrainOptions:
+        if self.objective == "embedding-distill" and self.distill > 0:
+            raise ValueError(
+                "distill (the KL to the original logits) applies to objective causal-lm; "
+                "embedding-distill already trains towards the original model's embeddings: "
+                "drop distill"
+            )
         return self
 
     @property

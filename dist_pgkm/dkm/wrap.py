@@ -26,7 +26,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from dist_pgkm.dkm.functional import Method, hard_assign, soft_kmeans, soft_weight, sq_distances
+from dist_pgkm.dkm.functional import (
+    Method,
+    SolverStats,
+    hard_assign,
+    soft_kmeans,
+    soft_weight,
+    sq_distances,
+)
 from dist_pgkm.dkm.lr2vq import low_rank
 from dist_pgkm.errors import InvalidInputError
 from dist_pgkm.noise.functional import check_layout
@@ -55,6 +62,7 @@ class DKMOptions:
         chunk: Sub-vectors per piece of the attention (None: all at once).
         rank: None: cluster the sub-vectors themselves (DKM, IDKM, IDKM-JFB). An int ``d``:
             LR²VQ, cluster a learned rank-``d`` representation of them with ``method``.
+        solver_iters: ``idkm`` only: most fixed-point iterations of the backward solve.
     """
 
     method: Method = "idkm"
@@ -62,6 +70,7 @@ class DKMOptions:
     iters: int = 5
     chunk: int | None = 65536
     rank: int | None = None
+    solver_iters: int = 50
 
     def __post_init__(self) -> None:
         if self.method not in ("dkm", "idkm", "idkm-jfb"):
@@ -73,6 +82,10 @@ class DKMOptions:
             )
         if self.rank is not None and self.rank < 1:
             raise InvalidInputError(f"LR²VQ rank {self.rank}: it must be at least 1.")
+        if self.solver_iters < 1:
+            raise InvalidInputError(
+                f"solver_iters {self.solver_iters}: IDKM's solve needs at least 1 iteration."
+            )
 
 
 class DKMLayer:
@@ -91,6 +104,7 @@ class DKMLayer:
         self.module = module
         self.block_size = block_size
         self.options = options
+        self.stats = SolverStats()  # IDKM's backward solves on this layer (idkm only)
         self._ops = ops
         self.shape = ops.shape(module)
         weight = module.weight
@@ -141,7 +155,10 @@ class DKMLayer:
         points = self._points()
         # float32 whatever the training dtype (DeepSpeed's bf16 casts buffers too).
         start = self.centroids.float()
-        c = soft_kmeans(points, start, self.tau, opts.iters, opts.method, chunk=opts.chunk)
+        c = soft_kmeans(
+            points, start, self.tau, opts.iters, opts.method, chunk=opts.chunk,
+            solver_iters=opts.solver_iters, stats=self.stats,
+        )  # fmt: skip
         with torch.no_grad():
             self.centroids.copy_(c.detach())  # the next step's warm start
         soft = self._decode(soft_weight(points, c, self.tau, opts.chunk))

@@ -28,6 +28,7 @@ __all__ = [
     "embed",
     "retrieval_accuracy",
     "retrieval_pairs",
+    "training_texts",
 ]
 
 logger = logging.getLogger(__name__)
@@ -78,6 +79,20 @@ def _stems(text: str) -> set[str]:
     return {word[:_STEM] for word in _WORD.findall(text.lower())}
 
 
+def _eligible(glosses: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The (definition, lemma) pairs :func:`retrieval_pairs` draws from, in file order."""
+    eligible: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    for lemma, gloss in glosses:
+        query = definition(gloss)
+        key = lemma.lower()
+        if key in seen or not query or _stems(key) & _stems(query):
+            continue
+        seen.add(key)
+        eligible.append((query, lemma))
+    return eligible
+
+
 def retrieval_pairs(
     n: int = 1000, seed: int = 0, path: Path | None = None
 ) -> list[tuple[str, str]]:
@@ -106,15 +121,7 @@ def retrieval_pairs(
     """
     if n < 2:
         raise InvalidInputError(f"n={n}: retrieval needs at least 2 pairs (1 is always a hit).")
-    eligible: list[tuple[str, str]] = []
-    seen: set[str] = set()
-    for lemma, gloss in wordnet_glosses(path):
-        query = definition(gloss)
-        key = lemma.lower()
-        if key in seen or not query or _stems(key) & _stems(query):
-            continue
-        seen.add(key)
-        eligible.append((query, lemma))
+    eligible = _eligible(wordnet_glosses(path))
     if n > len(eligible):
         raise InvalidInputError(
             f"n={n}: only {len(eligible)} WordNet synsets qualify (a distinct lemma sharing no "
@@ -123,6 +130,38 @@ def retrieval_pairs(
     generator = torch.Generator().manual_seed(seed)
     picks = torch.randperm(len(eligible), generator=generator)[:n].sort().values
     return [eligible[i] for i in picks.tolist()]
+
+
+def training_texts(path: Path | None = None) -> list[str]:
+    """Texts to fine-tune a sentence encoder on that no retrieval query or candidate can be.
+
+    :func:`retrieval_pairs` draws its pairs from the *eligible* synsets (see there), whatever
+    ``n`` and ``seed``. This takes every other WordNet noun synset whose lemma is no eligible
+    synset's lemma (case-insensitive) and returns its definition and its lemma, as two texts
+    (the evaluation embeds both kinds: definitions as queries, lemmas as candidates). A text
+    equal (case-insensitive) to an eligible definition or lemma is dropped as well. So a model
+    trained on these never saw a query or a candidate of any draw. Of WordNet 3.0's 82,115
+    noun synsets, 38,645 are eligible and 29,715 remain for training.
+
+    Args:
+        path: WordNet's ``data.noun``; the Debian location when None.
+
+    Returns:
+        The texts in file order: definition, lemma, definition, lemma, ...
+
+    Raises:
+        DataError: If the WordNet file is missing (see :func:`wordnet_glosses`).
+    """
+    glosses = wordnet_glosses(path)
+    eligible = _eligible(glosses)
+    lemmas = {lemma.lower() for _, lemma in eligible}
+    held_out = lemmas | {query.lower() for query, _ in eligible}
+    texts: list[str] = []
+    for lemma, gloss in glosses:
+        if lemma.lower() in lemmas:
+            continue
+        texts += [t for t in (definition(gloss), lemma) if t and t.lower() not in held_out]
+    return texts
 
 
 def embed(

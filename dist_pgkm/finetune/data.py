@@ -5,6 +5,10 @@ for evaluation: consecutive windows of ``eval_window`` tokens, the even ones hel
 evaluation. Training uses only the odd ("calib") windows, each cut into sequences of
 ``seq_len`` tokens, so a model is never trained on a token it is evaluated on.
 
+A sentence encoder (``objective: embedding-distill``) trains on sentences instead: the caller
+tokenizes them, padded to ``seq_len`` tokens, and chooses them away from the evaluation
+(:func:`dist_pgkm.eval.retrieval.training_texts`); :func:`padded_sentences` checks the tensor.
+
 A batch is a pure function of (seed, stage, step): a run resumed at step ``n`` draws exactly
 the batches an uninterrupted run would have drawn from step ``n`` on.
 """
@@ -16,7 +20,7 @@ import torch
 from dist_pgkm.errors import DataError
 from dist_pgkm.utils.seeding import derive_seed
 
-__all__ = ["Batches", "training_sequences"]
+__all__ = ["Batches", "padded_sentences", "training_sequences"]
 
 
 def training_sequences(ids: torch.Tensor, seq_len: int, eval_window: int = 512) -> torch.Tensor:
@@ -47,6 +51,27 @@ def training_sequences(ids: torch.Tensor, seq_len: int, eval_window: int = 512) 
         )
     seqs = windows[:, : per_window * seq_len].reshape(-1, seq_len)
     return seqs.to(torch.int64).contiguous()
+
+
+def padded_sentences(ids: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """Training sentences of a sentence encoder, checked: ``(n, seq_len)`` int64.
+
+    Args:
+        ids: Token ids, one sentence per row, padded (or truncated) to ``seq_len`` with the
+            model's ``pad_token_id`` (as a Hugging Face tokenizer does with
+            ``padding="max_length", truncation=True, max_length=seq_len``).
+        seq_len: ``train.seq_len``.
+
+    Raises:
+        DataError: ``ids`` is not a 2-D tensor of ``seq_len`` columns with at least one row.
+    """
+    if ids.dim() != 2 or ids.shape[1] != seq_len or ids.shape[0] == 0:
+        raise DataError(
+            f"objective embedding-distill trains on sentences as a (n, {seq_len}) tensor of "
+            f"token ids padded to train.seq_len; got shape {tuple(ids.shape)}. Tokenize the "
+            f"sentences with padding='max_length', truncation=True, max_length={seq_len}."
+        )
+    return ids.to(torch.int64).contiguous()
 
 
 class Batches:

@@ -56,7 +56,7 @@ from dist_pgkm.config.quantize import LayerRule, QuantizeConfig
 from dist_pgkm.distributed.coordinator import package_version, quantize_model, shard_path
 from dist_pgkm.distributed.plan import LayerJob, plan_run
 from dist_pgkm.errors import CheckpointError, ConfigError, DistPGKMError, DistributedError
-from dist_pgkm.finetune.data import Batches, training_sequences
+from dist_pgkm.finetune.data import Batches, padded_sentences, training_sequences
 from dist_pgkm.kmeans.types import KMeansStats
 from dist_pgkm.models.layers import find_layers
 from dist_pgkm.models.source import open_source
@@ -401,7 +401,10 @@ def finetune_model(
     source = open_source(model)
     plan = plan_run(find_layers(source), config.quantize)
     stages = stage_layers(plan.jobs, config)
-    sequences = training_sequences(train_ids, config.train.seq_len)
+    if config.train.objective == "causal-lm":
+        sequences = training_sequences(train_ids, config.train.seq_len)
+    else:
+        sequences = padded_sentences(train_ids, config.train.seq_len)
     rank, world = ds_engine.init_distributed()
     ranks = _Ranks(rank, world)
     if world > 1 and workers:
@@ -526,6 +529,7 @@ class _Run:
     ranks: _Ranks
     model: nn.Module = field(init=False)
     teacher: Any = field(init=False, default=None)
+    pad_id: int = field(init=False, default=0)  # embedding-distill: the padding token
     dkm: Any = field(init=False, default=None)  # the current stage's DKM wrappers, if any
     metrics: dict[str, str] = field(init=False, default_factory=dict)  # layer -> its metric
     _tokens: int = field(init=False, default=0)
@@ -537,13 +541,26 @@ class _Run:
     # --- orchestration ------------------------------------------------------------------------
 
     def execute(self) -> None:
-        from transformers import AutoModelForCausalLM
+        import transformers
 
         torch.manual_seed(self.config.seed)
-        self.model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32)
-        if self.config.train.distill > 0:
-            self.teacher = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32)
+        train = self.config.train
+        auto: Any = (
+            transformers.AutoModelForCausalLM
+            if train.objective == "causal-lm"
+            else transformers.AutoModel
+        )
+        self.model = auto.from_pretrained(self.model_dir, dtype=torch.float32)
+        if train.distill > 0 or train.objective == "embedding-distill":
+            self.teacher = auto.from_pretrained(self.model_dir, dtype=torch.float32)
             self.teacher.eval().requires_grad_(False)
+        if train.objective == "embedding-distill":
+            self.pad_id = _pad_token_id(self.model)
+            # The target is the original's embedding without dropout; train-mode dropout
+            # (0.1 in BERT) alone puts the student 0.055 (1 - cos) away from it on MiniLM.
+            for module in self.model.modules():
+                if isinstance(module, nn.Dropout):
+                    module.p = 0.0
         current = self.state.data["stage"]
         # Rebuild the finished stages: their PQ modules, then the weights they ended with.
         for i in range(min(current, len(self.stages))):
@@ -634,6 +651,7 @@ class _Run:
             tau=stage.dkm.tau,
             iters=stage.dkm.iters,
             chunk=stage.dkm.chunk,
+            solver_iters=stage.dkm.solver_iters,
         )
         ranks = self.ranks.on_leader(functools.partial(self._lr2vq_ranks, i)) if lr2vq else {}
         q_dir = self.stage_dir(i) / "quantize"
@@ -675,6 +693,13 @@ class _Run:
         """End of a DKM stage: hard-assign every layer and swap in PQ modules (codes fixed)."""
         if self.dkm is None:
             return
+        if any(layer.stats.calls for layer in self.dkm):
+            # IDKM's backward solves in this process (a resumed stage counts from its restart).
+            self.state.data.setdefault("idkm_solves", {})[str(i)] = {
+                "calls": sum(layer.stats.calls for layer in self.dkm),
+                "truncated": sum(layer.stats.truncated for layer in self.dkm),
+                "fallbacks": sum(layer.stats.fallbacks for layer in self.dkm),
+            }
         for job in self.stages[i]:
             centroids, codes = self.dkm[job.name].export()
             stats = KMeansStats("dkm-export", "none", codes.numel(), job.block_size, job.k)
@@ -821,6 +846,12 @@ class _Run:
         train = self.config.train
         total = 0.0
         for micro in torch.split(batch, train.micro):
+            if train.objective == "embedding-distill":
+                loss = self._embedding_loss(engine, micro)
+                engine.backward(loss)
+                engine.step()
+                total += float(loss.detach()) * micro.shape[0] / batch.shape[0]
+                continue
             logits = engine(input_ids=micro).logits
             loss = F.cross_entropy(
                 logits[:, :-1].reshape(-1, logits.shape[-1]).float(), micro[:, 1:].reshape(-1)
@@ -844,6 +875,16 @@ class _Run:
             engine.step()
             total += float(loss.detach()) * micro.shape[0] / batch.shape[0]
         return total
+
+    def _embedding_loss(self, engine: Any, micro: torch.Tensor) -> torch.Tensor:
+        """1 - cosine similarity of the mean-pooled sentence embeddings to the original's."""
+        mask = (micro != self.pad_id).long()  # (b, seq)
+        student = _mean_pool(engine(input_ids=micro, attention_mask=mask).last_hidden_state, mask)
+        with torch.no_grad():
+            teacher = _mean_pool(
+                self.teacher(input_ids=micro, attention_mask=mask).last_hidden_state, mask
+            )
+        return 1.0 - F.cosine_similarity(student, teacher, dim=-1).mean()
 
     def _report(self, i: int, step: int, loss: float) -> None:
         if self.progress is None or not self.ranks.leader:
@@ -874,9 +915,11 @@ class _Run:
         for i, (stage, jobs) in enumerate(zip(self.config.stages, self.stages, strict=True)):
             losses = [h["loss"] for h in self.state.data["history"] if h["stage"] == i]
             ranks = self.state.data.get("lr2vq_rank", {}).get(str(i))
+            solves = self.state.data.get("idkm_solves", {}).get(str(i))
             rows.append({
                 "name": stage.name, "method": stage.method, "layers": len(jobs),
                 **({"lr2vq_rank": ranks} if ranks else {}),
+                **({"idkm_solves": solves} if solves else {}),
                 "steps": stage.steps,
                 "loss_first": losses[0] if losses else None,
                 "loss_last": losses[-1] if losses else None,
@@ -920,6 +963,23 @@ class _Run:
         # Only a run inside a stage resumes from these (GBs: fp32 weights and Adam moments).
         shutil.rmtree(self.out / "deepspeed", ignore_errors=True)
         return files
+
+
+def _mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``hidden`` ``(b, seq, h)`` over the tokens ``mask`` ``(b, seq)`` keeps, float32."""
+    weights = mask.unsqueeze(-1).to(torch.float32)  # (b, seq, 1)
+    return (hidden.float() * weights).sum(1) / weights.sum(1).clamp_min(1e-9)  # (b, h)
+
+
+def _pad_token_id(model: nn.Module) -> int:
+    """The padding token of a sentence encoder, from its config (embedding-distill masks it)."""
+    pad = getattr(getattr(model, "config", None), "pad_token_id", None)
+    if pad is None:
+        raise ConfigError(
+            "objective embedding-distill pads sentences, and this model's config.json has no "
+            "pad_token_id. Add one (the tokenizer's padding token id) or use objective causal-lm."
+        )
+    return int(pad)
 
 
 class _NoiseGroups:

