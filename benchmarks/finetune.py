@@ -29,27 +29,26 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-from dist_pgkm.bench.common import (  # type: ignore[import-not-found, unused-ignore]
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from .common import (
     MARKDOWN_INTRO,
+    RowsReport,
     Target,
     format_bytes,
     format_value,
-    git_commit,
-    machine_info,
     machine_line,
     markdown_table,
     replace_marker_section,
     targets_markdown,
     targets_rich_table,
-    utc_now,
 )
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
 
 __all__ = [
     "PAIRS",
@@ -113,30 +112,10 @@ class FinetuneBenchOptions:
 
 
 @dataclass
-class FinetuneBenchReport:
+class FinetuneBenchReport(RowsReport):
     """Everything one run measured; :meth:`as_dict` is the JSON file."""
 
-    mode: str
-    command: str
-    machine: dict[str, Any]
-    commit: str | None
-    date: str
-    rows: list[dict[str, Any]] = field(default_factory=list)
-    targets: list[Target] = field(default_factory=list)
-    seconds: float = 0.0
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "benchmark": "finetune",
-            "mode": self.mode,
-            "command": self.command,
-            "machine": self.machine,
-            "commit": self.commit,
-            "date": self.date,
-            "seconds": self.seconds,
-            "rows": self.rows,
-            "targets": [t.as_dict() for t in self.targets],
-        }
+    benchmark: ClassVar[str] = "finetune"
 
 
 # --- the runs ---------------------------------------------------------------------------------
@@ -272,13 +251,7 @@ def run_benchmark(
 
     report_progress = progress or (lambda done, total, description: None)
     start = time.perf_counter()
-    report = FinetuneBenchReport(
-        mode=options.mode,
-        command=options.command,
-        machine=machine_info(),
-        commit=git_commit(),
-        date=utc_now(),
-    )
+    report = FinetuneBenchReport.start(options.mode, options.command)
     evaluate = _evaluator()
     cases = _cases(options)
     with tempfile.TemporaryDirectory(prefix="dist-pgkm-finetune-") as tmp:

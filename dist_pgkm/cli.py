@@ -759,7 +759,8 @@ def _run_bench_ptq(args: argparse.Namespace) -> int:
             command=command,
             done=_resumed_rows(args.json, "ptq-aware") if args.resume else (),
         )
-        return _run_rows_benchmark(aware, options, args)
+        _run_rows_benchmark(aware, options, args)
+        return 0
     options = ptq.PTQOptions(
         quick=args.quick,
         models=args.models,
@@ -773,7 +774,8 @@ def _run_bench_ptq(args: argparse.Namespace) -> int:
         if not args.quick and args.md is not None:
             ptq.write_plots(args.md.parent / "img", report)
 
-    return _run_rows_benchmark(ptq, options, args, plots)
+    _run_rows_benchmark(ptq, options, args, plots)
+    return 0
 
 
 def _resumed_rows(path: Path | None, benchmark: str) -> tuple[dict[str, Any], ...]:
@@ -800,10 +802,15 @@ def _resumed_rows(path: Path | None, benchmark: str) -> tuple[dict[str, Any], ..
 
 
 def _run_rows_benchmark(
-    module: Any, options: Any, args: argparse.Namespace, also: Callable[[Any], None] | None = None
-) -> int:
+    module: Any,
+    options: Any,
+    args: argparse.Namespace,
+    also: Callable[[Any], None] | None = None,
+    **run: Any,
+) -> Any:
     """Run a benchmark module whose report is rows: live progress, and the JSON and markdown
-    rewritten after every case, so a long run stopped midway keeps its rows."""
+    rewritten after every case, so a long run stopped midway keeps its rows. ``run`` goes to
+    ``module.run_benchmark``; returns the report."""
     from dist_pgkm.bench.common import write_json  # type: ignore[import-not-found, unused-ignore]
 
     def save(report: Any) -> None:
@@ -815,10 +822,10 @@ def _run_rows_benchmark(
             also(report)
 
     with _progress() as update:
-        report = module.run_benchmark(options, progress=update, on_row=save)
+        report = module.run_benchmark(options, progress=update, on_row=save, **run)
     module.render_report(_stdout_console(), report)
     save(report)
-    return 0
+    return report
 
 
 def _run_bench_scaling(args: argparse.Namespace) -> int:
@@ -847,7 +854,6 @@ def _run_bench_scaling(args: argparse.Namespace) -> int:
 
 def _run_bench_finetune(args: argparse.Namespace) -> int:
     from dist_pgkm.bench import finetune  # type: ignore[import-not-found, unused-ignore]
-    from dist_pgkm.bench.common import write_json  # type: ignore[import-not-found, unused-ignore]
 
     options = finetune.FinetuneBenchOptions(
         quick=args.quick,
@@ -855,17 +861,7 @@ def _run_bench_finetune(args: argparse.Namespace) -> int:
         work_dir=args.work_dir,
         command=shlex.join(["dist-pgkm", *args.argv]),
     )
-
-    def save(report: Any) -> None:  # after every case: a long run stopped midway keeps its rows
-        if args.json is not None:
-            write_json(args.json, report.as_dict())
-        if args.md is not None:
-            finetune.write_markdown(args.md, report)
-
-    with _progress() as update:
-        report = finetune.run_benchmark(options, progress=update, on_row=save)
-    finetune.render_report(_stdout_console(), report)
-    save(report)
+    _run_rows_benchmark(finetune, options, args)
     return 0
 
 
@@ -904,7 +900,6 @@ def _run_bench_dkm(args: argparse.Namespace) -> int:
     import json
 
     from dist_pgkm.bench import dkm  # type: ignore[import-not-found, unused-ignore]
-    from dist_pgkm.bench.common import write_json  # type: ignore[import-not-found, unused-ignore]
 
     options = dkm.DKMBenchOptions(
         quick=args.quick,
@@ -925,16 +920,7 @@ def _run_bench_dkm(args: argparse.Namespace) -> int:
                 "would mix with it. Write to another --json file, or pass --fresh to replace it."
             )
 
-    def save(report: Any) -> None:  # after every case: a long run stopped midway keeps its rows
-        if args.json is not None:
-            write_json(args.json, report.as_dict())
-        if args.md is not None:
-            dkm.write_markdown(args.md, report)
-
-    with _progress() as update:
-        report = dkm.run_benchmark(options, progress=update, on_row=save, previous=previous)
-    dkm.render_report(_stdout_console(), report)
-    save(report)
+    report = _run_rows_benchmark(dkm, options, args, previous=previous)
     failed = [f"{r['model']} {r['method']}" for r in report.quality_rows if "error" in r]
     if failed:
         sys.stderr.write(
