@@ -140,8 +140,23 @@ class AwareReport(RowsReport):
     benchmark: ClassVar[str] = "ptq-aware"
 
 
+def _priority(case: Case) -> int:
+    """Rank of a case in the run: the originals (ratios need them), then the rows the targets
+    judge (LLM convention, every lever and per-group rounding), plain PG k-means, the other
+    k-means, the ablation, and the iPQ convention last: a run stopped midway has what matters."""
+    if case.variant == "original":
+        return 0
+    if case.convention != "llm":
+        return 5
+    if case.variant in ("all", "rtn"):
+        return 1
+    if case.variant == "plain":
+        return 2 if case.method == "pgkm" else 3
+    return 4
+
+
 def cases(options: AwareOptions) -> list[Case]:
-    """Every row of the run, in order (originals first, so ratios can be shown as rows land)."""
+    """Every row of the run, in order (:func:`_priority`; by model within a rank)."""
     if options.quick:
         return [
             Case("smollm2-135m", "llm", ABLATION_LEVEL, "original"),
@@ -164,7 +179,7 @@ def cases(options: AwareOptions) -> list[Case]:
                     out += [Case(model, convention, level, "plain", m) for m in BASELINES]
                 if level == ABLATION_LEVEL and convention == "llm":
                     out += [Case(model, convention, level, v) for v in LEVERS]
-    return out
+    return sorted(out, key=_priority)
 
 
 def variant_config(level: int, convention: str, variant: str, work: Path) -> Path:

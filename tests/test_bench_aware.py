@@ -58,7 +58,13 @@ def test_cases_cover_the_issue() -> None:
     assert {(c.convention, c.method) for c in mini} == {
         (conv, m) for conv in ("llm", "ipq") for m in ("pgkm", "faiss", "fairseq-em")
     }
-    assert cases[0].variant == "original"
+    # Targets first: the originals, then every row a target judges, the iPQ convention last.
+    assert {c.variant for c in cases[:2]} == {"original"}
+    judged = [
+        i for i, c in enumerate(cases) if c.convention == "llm" and c.variant in ("all", "rtn")
+    ]
+    assert judged == list(range(2, 2 + len(judged)))
+    assert all(c.convention == "ipq" for c in cases[-14:])
     assert len(aware.cases(aware.AwareOptions(quick=True))) == 3
 
 
