@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,32 @@ import torch
 
 # Tests never touch a GPU implicitly and never use more threads than the machine has.
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """torch on ``n`` threads inside the block. Small problems run several times faster on one
+    thread than on two busy cores (OpenMP threads spin while they wait for each other)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """torch on one thread for a test."""
+    with torch_threads(1):
+        yield
+
+
+@pytest.fixture(scope="module")
+def one_thread_module() -> Iterator[None]:
+    """torch on one thread for a whole module (``pytestmark = usefixtures(...)``)."""
+    with torch_threads(1):
+        yield
 
 
 def gaussian_mixture(n: int, d: int, centers: int, seed: int, spread: float = 3.0) -> torch.Tensor:

@@ -15,7 +15,7 @@ import dataclasses
 import json
 import shutil
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -50,14 +50,7 @@ Q_PROJ = "model.layers.0.self_attn.q_proj"
 DOWN = "model.layers.0.mlp.down_proj"
 IDS = torch.tensor([[1, 504, 236, 354, 7, 27, 90, 260, 11, 511]])  # vocabulary: 512
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Small problems: one thread is several times faster than two on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 def _quantize(weight: torch.Tensor, options: LayerQuantOptions) -> QuantizedWeight:

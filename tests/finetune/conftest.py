@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-import torch
+
+from tests.conftest import torch_threads
 
 pytest.importorskip("deepspeed", reason="DeepSpeed is not installed: pip install '.[finetune]'")
 pytest.importorskip("transformers", reason="transformers is not installed: pip install '.[models]'")
@@ -25,9 +26,5 @@ def _session_group() -> Iterator[tuple[int, int]]:
 def process_group(_session_group: tuple[int, int]) -> Iterator[tuple[int, int]]:
     """Rank 0 of a single-process group, with torch on one thread for the test: the models are
     tiny, and two threads on two busy cores made a step up to 100x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         yield _session_group
-    finally:
-        torch.set_num_threads(threads)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections import OrderedDict
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -33,13 +32,7 @@ from tests.conftest import smollm2_weight
 
 OPTIONS = LayerQuantOptions(scale="group", scale_group=64, codebook_rows=32, outliers=0.005)
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _job(name: str, options: LayerQuantOptions, shape: tuple[int, ...] = (192, 576)) -> LayerJob:

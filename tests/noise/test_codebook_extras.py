@@ -7,8 +7,6 @@ weights kept as outliers are never replaced.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 
@@ -22,13 +20,7 @@ from tests.conftest import smollm2_weight
 BS = 8
 OPTIONS = LayerQuantOptions(scale="group", scale_group=64, codebook_rows=32, outliers=0.005)
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ their scale) and, for the scales, with central finite differences in float64 (rt
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -32,14 +31,7 @@ OPTIONS = {
 }
 Q_PROJ = "model.layers.0.self_attn.q_proj.weight"  # (576, 576)
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Small problems: one thread is several times faster than two on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 @pytest.fixture(scope="module")
