@@ -120,6 +120,8 @@ class AwareOptions:
         command: The command line, recorded in the report.
         done: Rows of an earlier, interrupted run of the same commit (``--resume``): their
             cases are not run again.
+        done_seconds: Time that interrupted run had spent; the report's total includes it.
+        done_date: When that run started; the report keeps it as its date.
     """
 
     quick: bool = False
@@ -127,6 +129,8 @@ class AwareOptions:
     work_dir: Path | None = None
     command: str = "dist-pgkm bench ptq --aware"
     done: tuple[dict[str, Any], ...] = ()
+    done_seconds: float = 0.0
+    done_date: str | None = None
 
     @property
     def mode(self) -> str:
@@ -229,6 +233,8 @@ def run_benchmark(
     start = time.perf_counter()
     report = AwareReport.start(options.mode, options.command)
     report.rows = [dict(row) for row in options.done]
+    report.date = options.done_date or report.date
+    report.seconds = options.done_seconds
     dirs = {"smollm2-135m": offline.smollm2_dir, "minilm-l6": offline.minilm_dir}
     todo = cases(options)
     evaluators: dict[str, Any] = {}
@@ -264,7 +270,7 @@ def run_benchmark(
             )
             report.rows.append(row)
             report.targets = compute_targets(report.rows)
-            report.seconds = time.perf_counter() - start
+            report.seconds = options.done_seconds + time.perf_counter() - start
             if on_row is not None:
                 on_row(report)
         report_progress(len(todo), len(todo), "done")

@@ -752,12 +752,15 @@ def _run_bench_ptq(args: argparse.Namespace) -> int:
 
     command = shlex.join(["dist-pgkm", *args.argv])
     if args.aware:
+        resumed = _resumed_run(args.json, "ptq-aware") if args.resume else {}
         options: Any = aware.AwareOptions(
             quick=args.quick,
             models=args.models,
             work_dir=args.work_dir,
             command=command,
-            done=_resumed_rows(args.json, "ptq-aware") if args.resume else (),
+            done=tuple(resumed.get("rows", ())),
+            done_seconds=float(resumed.get("seconds", 0.0)),
+            done_date=resumed.get("date"),
         )
         _run_rows_benchmark(aware, options, args)
         return 0
@@ -778,8 +781,8 @@ def _run_bench_ptq(args: argparse.Namespace) -> int:
     return 0
 
 
-def _resumed_rows(path: Path | None, benchmark: str) -> tuple[dict[str, Any], ...]:
-    """The rows an interrupted run saved in ``path`` (``--resume``), checked to be of this
+def _resumed_run(path: Path | None, benchmark: str) -> dict[str, Any]:
+    """The report an interrupted run saved in ``path`` (``--resume``), checked to be of this
     benchmark and of the current commit (rows of other code would be mixed in otherwise)."""
     import json
 
@@ -798,7 +801,7 @@ def _resumed_rows(path: Path | None, benchmark: str) -> tuple[dict[str, Any], ..
             f"--resume continues a {benchmark!r} run of this commit ({commit}). Run without "
             "--resume (or with another --json PATH) to start a new one."
         )
-    return tuple(data.get("rows", ()))
+    return dict(data)
 
 
 def _run_rows_benchmark(

@@ -122,6 +122,43 @@ def test_resume_skips_the_measured_cases() -> None:
         any(case.matches(row) for row in done)
         for case in aware.cases(aware.AwareOptions(quick=True))
     )
-    report = aware.run_benchmark(aware.AwareOptions(quick=True, done=done))
+    options = aware.AwareOptions(
+        quick=True, done=done, done_seconds=1234.5, done_date="2026-12-01T00:00:00Z"
+    )
+    report = aware.run_benchmark(options)
     assert report.rows == [dict(row) for row in done]  # nothing ran again
+    # The interrupted run's start and time carry over: the report is of the whole run.
+    assert (report.date, report.seconds) == ("2026-12-01T00:00:00Z", 1234.5)
     assert not aware.Case("smollm2-135m", "llm", 3, "plain", "faiss").matches(done[1])
+
+
+def test_cli_resume_continues_the_saved_run_of_this_commit(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    from dist_pgkm.bench.common import git_commit  # type: ignore[import-not-found, unused-ignore]
+
+    from dist_pgkm.cli import main
+
+    rows = [
+        _row(model="smollm2-135m", variant="original", convention="-", level=0, ppl=17.0),
+        _row(model="smollm2-135m", variant="plain", ppl=40.0),
+        _row(model="smollm2-135m", variant="all", ppl=25.0),
+    ]
+    saved = {"benchmark": "ptq-aware", "commit": git_commit(), "date": "2026-12-01T00:00:00Z",
+             "seconds": 3600.0, "rows": rows}  # fmt: skip
+    path = tmp_path / "aware.json"
+    path.write_text(json.dumps(saved))
+    args = ["bench", "ptq", "--aware", "--quick", "--resume", "--json", str(path)]
+    assert main(args) == 0
+    report = json.loads(path.read_text())
+    assert report["rows"] == rows
+    assert report["date"] == saved["date"]
+    assert 3600.0 <= report["seconds"] < 3660.0  # the whole run's time, not this part's
+
+    path.write_text(json.dumps({**saved, "commit": "0" * 40}))
+    assert main(args) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"holds a 'ptq-aware' run of commit {'0' * 40}" in err
+    assert "Run without --resume" in err
