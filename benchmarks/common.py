@@ -229,8 +229,14 @@ def machine_line(machine: Mapping[str, Any], commit: str | None, date: str) -> s
     return " · ".join(p for p in parts if p)
 
 
+BENCH_OUTPUTS = ("benchmarks/results", "docs/benchmarks.md", "docs/img")
+"""What the benchmarks themselves write: changes there do not make a checkout dirty (a run
+continued over several invocations rewrites them between its parts)."""
+
+
 def git_commit(repo: Path | None = None) -> str | None:
-    """Short commit hash of ``repo``, with ``-dirty`` when the work tree has changes.
+    """Short commit hash of ``repo``, with ``-dirty`` when the work tree has changes other than
+    the benchmarks' own outputs (:data:`BENCH_OUTPUTS`).
 
     Args:
         repo: Directory inside a git work tree; defaults to the checkout this package runs from.
@@ -253,7 +259,8 @@ def git_commit(repo: Path | None = None) -> str | None:
     head = git("rev-parse", "--short", "HEAD")
     if head is None:
         return None
-    status = git("status", "--porcelain")
+    outside = [f":(top,exclude){path}" for path in BENCH_OUTPUTS]
+    status = git("status", "--porcelain", "--", ":(top)", *outside)
     dirty = "-dirty" if status is None or status.strip() else ""
     return head.strip() + dirty
 

@@ -109,8 +109,16 @@ def test_git_commit_marks_a_dirty_tree(tmp_path: Path) -> None:
     git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "c")
     head = git("rev-parse", "--short", "HEAD")
     assert common.git_commit(tmp_path) == head
+    # The benchmarks' own outputs, written between the parts of a continued run, are not code.
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    (tmp_path / "benchmarks" / "results" / "r.json").write_text("{}")
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "benchmarks.md").write_text("table")
+    assert common.git_commit(tmp_path) == head
+    assert common.git_commit(tmp_path / "docs") == head
     (tmp_path / "g").write_text("untracked")
     assert common.git_commit(tmp_path) == f"{head}-dirty"
+    assert common.git_commit(tmp_path / "docs") == f"{head}-dirty"
 
 
 def test_machine_info_describes_this_machine() -> None:
