@@ -809,7 +809,7 @@ def run_benchmark(
         kept = [r for r in report.quality_rows if (r["model"], r["method"]) not in redo]
         if part == "quality" and earlier and kept:  # rows of earlier runs stay in the table
             previous_run = {k: earlier.get(k) for k in ("command", "commit", "date", "seconds")}
-            run["earlier"] = [*earlier.get("earlier", []), previous_run]
+            run["earlier"] = _runs_with_rows([*earlier.get("earlier", []), previous_run], kept)
         report.runs[part] = run
     with tempfile.TemporaryDirectory(prefix="dist-pgkm-dkm-") as tmp:
         work = Path(options.work_dir or tmp)
@@ -1155,6 +1155,20 @@ def _memory_about(setup: Mapping[str, Any]) -> str:
         "gradient); residual: the last run's last update, relative; fallbacks: backward passes "
         "that diverged and used the Jacobian-free gradient, of all passes."
     )
+
+
+def _runs_with_rows(runs: list[dict[str, Any]], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The earlier runs (oldest first) that measured at least one of ``rows``: a run's rows
+    are dated from its start to the next run's. Rows without a date keep every run."""
+    dates = [row.get("date") for row in rows]
+    if not all(dates):
+        return runs
+    ends = [str(run.get("date") or "") for run in runs[1:]] + ["\uffff"]
+    return [
+        run
+        for run, end in zip(runs, ends, strict=True)
+        if any(str(run.get("date") or "") <= str(d) < end for d in dates)
+    ]
 
 
 def _run_line(run: Mapping[str, Any] | None) -> list[str]:

@@ -385,3 +385,13 @@ def test_quick_quality_run_on_a_slice_of_minilm(
     targets = {t.id: t for t in report.targets}
     assert targets["bits:minilm-l6"].met is True
     assert targets["budget:minilm-l6"].measured == "2 steps, 4,096 tokens"
+
+
+def test_only_earlier_runs_whose_rows_remain_are_named() -> None:
+    runs = [{"command": c, "date": d} for c, d in (("a", "2026-01-01"), ("b", "2026-01-02"),
+                                                   ("c", "2026-01-03"))]  # fmt: skip
+    # Every row of run a was measured again since; b and c each still have one.
+    rows = [{"date": "2026-01-02T10:00"}, {"date": "2026-01-03T09:00"}]
+    assert [r["command"] for r in dkm._runs_with_rows(runs, rows)] == ["b", "c"]
+    assert [r["command"] for r in dkm._runs_with_rows(runs, rows[:1])] == ["b"]
+    assert dkm._runs_with_rows(runs, [{"date": None}]) == runs  # undated rows: keep them all
