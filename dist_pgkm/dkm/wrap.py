@@ -16,12 +16,18 @@ are re-parametrised as ``R P`` (two new parameters, ``lr2vq_r`` ``(n, d)`` and `
 ``R``'s rows are soft-clustered in ``d`` dimensions, and the layer's weight is the clustered
 ``R`` times ``P``. Export writes the codebook ``C P``, so the checkpoint is the same PQ format
 with block size ``m``.
+
+A module sharing the layer's weight (an LM head tied to the embedding) is passed in ``tied``:
+its forward is replaced too and uses the same clustered weight. The first of them to run in a
+forward pass clusters (and moves the warm start once); the others reuse that weight, so the
+gradients of both uses meet in one graph, as they do for the tied float weight.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from torch import nn
@@ -88,8 +94,18 @@ class DKMOptions:
             )
 
 
+@dataclass
+class _PassWeight:
+    """The weight one forward pass computed, and the modules (by id) that have used it."""
+
+    weight: torch.Tensor
+    training: bool
+    used: set[int] = field(default_factory=set)
+
+
 class DKMLayer:
-    """DKM installed on one module; :meth:`remove` restores its forward and drops the buffer."""
+    """DKM installed on one module (and the modules tied to it); :meth:`remove` restores their
+    forwards and drops the buffer."""
 
     def __init__(
         self,
@@ -99,13 +115,16 @@ class DKMLayer:
         block_size: int,
         centroids: torch.Tensor,
         options: DKMOptions,
+        tied: Mapping[str, nn.Module] | None = None,
     ) -> None:
         self.name = name
         self.module = module
         self.block_size = block_size
         self.options = options
+        self.tied = dict(tied or {})  # name -> module sharing this layer's weight
         self.stats = SolverStats()  # IDKM's backward solves on this layer (idkm only)
         self._ops = ops
+        self._pass: _PassWeight | None = None  # shared by the tied modules within a pass
         self.shape = ops.shape(module)
         weight = module.weight
         assert isinstance(weight, torch.Tensor)
@@ -147,10 +166,34 @@ class DKMLayer:
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         """Soft-clustered weight in training, hard-assigned in eval (installed as ``forward``)."""
-        weight = self.module.weight
+        return self._forward(self.module, self._ops, input)
+
+    def _forward(self, caller: nn.Module, ops: LayerOps, input: torch.Tensor) -> torch.Tensor:
+        """``caller``'s forward (this layer's module or one tied to it) with the weight made."""
+        weight = caller.weight
         assert isinstance(weight, torch.Tensor)
-        if not self.module.training:
-            return self._ops.forward(self.module, self.hard_weight().to(weight.dtype), input)
+        return ops.forward(caller, self._pass_weight(caller).to(weight.dtype), input)
+
+    def _pass_weight(self, caller: nn.Module) -> torch.Tensor:
+        """The weight of this forward pass. Untied: made at every call. Tied: the first module
+        to run makes it; a module asking again starts the next pass."""
+        training = self.module.training
+        shared = self._pass
+        if (
+            self.tied
+            and shared is not None
+            and shared.training == training
+            and id(caller) not in shared.used
+        ):
+            shared.used.add(id(caller))
+            return shared.weight
+        weight = self._soft_weight() if training else self.hard_weight()
+        if self.tied:
+            self._pass = _PassWeight(weight, training, {id(caller)})
+        return weight
+
+    def _soft_weight(self) -> torch.Tensor:
+        """The soft-clustered weight (float32, with its graph); moves the warm start."""
         opts = self.options
         points = self._points()
         # float32 whatever the training dtype (DeepSpeed's bf16 casts buffers too).
@@ -162,9 +205,7 @@ class DKMLayer:
         with torch.no_grad():
             self.centroids.copy_(c.detach())  # the next step's warm start
         soft = self._decode(soft_weight(points, c, self.tau, opts.chunk))
-        return self._ops.forward(
-            self.module, from_subvectors(soft, self.shape).to(weight.dtype), input
-        )
+        return from_subvectors(soft, self.shape)
 
     def export(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(codebook, codes)`` of the hard assignment: float32 ``(k, bs)``, int64 ``(n,)``."""
@@ -172,14 +213,27 @@ class DKMLayer:
             c = self.centroids.detach().float()
             return self._decode(c).clone(), hard_assign(self._points(), c)
 
+    def install(self) -> None:
+        """Replace the forwards of the module and of the modules tied to it."""
+        vars(self.module)["forward"] = self.forward
+        for module in self.tied.values():
+            ops = layer_ops(module)
+            assert ops is not None
+            vars(module)["forward"] = partial(self._forward, module, ops)
+
     @property
     def installed(self) -> bool:
         return vars(self.module).get("forward") == self.forward
 
     def remove(self) -> None:
-        """Give the module back its class's forward and drop the centroid buffer."""
+        """Give the modules back their class's forward and drop the centroid buffer."""
         if self.installed:
             del vars(self.module)["forward"]
+        for module in self.tied.values():
+            installed = vars(module).get("forward")
+            if isinstance(installed, partial) and installed.func == self._forward:
+                del vars(module)["forward"]
+        self._pass = None
         if BUFFER in self.module._buffers:
             del self.module._buffers[BUFFER]
 
@@ -195,10 +249,11 @@ class LR2VQLayer(DKMLayer):
         block_size: int,
         centroids: torch.Tensor,
         options: DKMOptions,
+        tied: Mapping[str, nn.Module] | None = None,
     ) -> None:
         assert options.rank is not None
         self.rank = options.rank
-        super().__init__(name, module, ops, block_size, centroids, options)
+        super().__init__(name, module, ops, block_size, centroids, options, tied)
 
     def _setup(self, centroids: torch.Tensor) -> torch.Tensor:
         weight = self.module.weight
@@ -258,6 +313,7 @@ def add_dkm(
     block_size: int,
     centroids: dict[str, torch.Tensor],
     options: DKMOptions | None = None,
+    tied: Mapping[str, Sequence[str]] | None = None,
 ) -> DKM:
     """Wrap the selected layers of ``model`` with differentiable k-means (or LR²VQ).
 
@@ -268,14 +324,18 @@ def add_dkm(
         centroids: Initial ``(k, block_size)`` codebook of every selected layer, by name
             (e.g. from PG k-means): DKM refines a codebook, it does not invent one.
         options: Method, temperature, steps per forward, chunk size; ``rank`` for LR²VQ.
+        tied: For a selected layer, the names of the modules sharing its weight (e.g.
+            ``{"model.embed_tokens": ["lm_head"]}``): they use the same clustered weight.
 
     Raises:
         InvalidInputError: A bad selection, a layer without initial centroids, a layout the
-            block size does not divide, or a layer wrapped already.
+            block size does not divide, a layer wrapped already, or a shared weight that is
+            not declared in ``tied`` (or declared there but not shared).
     """
     options = options or DKMOptions()
     patterns = [match] if isinstance(match, str) else list(match)
     selected = select_layers(model, patterns)
+    ties = _tied_modules(model, selected, tied or {})
     if options.rank is not None and options.rank > block_size:
         raise InvalidInputError(
             f"LR²VQ rank {options.rank} exceeds the sub-vector size {block_size}; choose d in "
@@ -284,10 +344,12 @@ def add_dkm(
     for name, module in selected.items():  # check everything before changing anything
         ops = layer_ops(module)
         assert ops is not None
-        if "forward" in vars(module):
-            raise InvalidInputError(
-                f"{name} already has its forward replaced (Quant-Noise or DKM); remove that first."
-            )
+        for each in (name, *ties[name]):
+            if "forward" in vars(model.get_submodule(each)):
+                raise InvalidInputError(
+                    f"{each} already has its forward replaced (Quant-Noise or DKM); remove that "
+                    "first."
+                )
         if name not in centroids:
             raise InvalidInputError(
                 f"no initial centroids for {name}; pass a (k, {block_size}) codebook for every "
@@ -301,9 +363,69 @@ def add_dkm(
             )
     kind = DKMLayer if options.rank is None else LR2VQLayer
     layers = [
-        kind(name, module, layer_ops(module), block_size, centroids[name], options)  # type: ignore[arg-type]
+        kind(name, module, layer_ops(module), block_size, centroids[name], options, ties[name])  # type: ignore[arg-type]
         for name, module in selected.items()
     ]
     for layer in layers:
-        vars(layer.module)["forward"] = layer.forward
+        layer.install()
     return DKM(layers)
+
+
+def _tied_modules(
+    model: nn.Module, selected: Mapping[str, nn.Module], tied: Mapping[str, Sequence[str]]
+) -> dict[str, dict[str, nn.Module]]:
+    """Each selected layer's tied modules by name, checked: they exist, hold the very same
+    weight with the same layout, and every module sharing a selected weight is declared."""
+    if unknown := sorted(set(tied) - set(selected)):
+        raise InvalidInputError(
+            f"tied names {unknown}, which are not selected layers; key `tied` by a selected "
+            "layer (the one that owns the clustering), e.g. {'model.embed_tokens': ['lm_head']}."
+        )
+    modules = dict(model.named_modules())
+    out: dict[str, dict[str, nn.Module]] = {}
+    for name, module in selected.items():
+        ops = layer_ops(module)
+        assert ops is not None
+        out[name] = {}
+        for other in tied.get(name, ()):
+            target = modules.get(other)
+            other_ops = None if target is None else layer_ops(target)
+            if target is None or other_ops is None:
+                raise InvalidInputError(
+                    f"{other} (tied to {name}) is not a Linear, Embedding or Conv2d module of "
+                    f"{type(model).__name__}."
+                )
+            if other in selected:
+                raise InvalidInputError(
+                    f"{other} is both selected and tied to {name}; select only {name}."
+                )
+            if target.weight is not module.weight or other_ops.shape(target) != ops.shape(module):
+                raise InvalidInputError(
+                    f"{other} does not share {name}'s weight (the same Parameter, the same "
+                    f"shape); only modules tied to it can be listed in `tied`."
+                )
+            out[name][other] = target
+    # A module sharing a selected weight but left undeclared would keep the float weight.
+    declared = {id(m) for group in out.values() for m in group.values()}
+    by_weight = {id(m.weight): n for n, m in selected.items()}
+    for other, target in modules.items():
+        weight = getattr(target, "weight", None)
+        if (
+            isinstance(weight, torch.Tensor)
+            and id(weight) in by_weight
+            and other not in selected
+            and id(target) not in declared
+            and layer_ops(target) is not None
+        ):
+            owner = by_weight[id(weight)]
+            raise InvalidInputError(
+                f"{other} shares its weight with {owner}; pass tied={{{owner!r}: [{other!r}]}} "
+                "so that it uses the clustered weight too."
+            )
+    shared = [n for n, m in selected.items() if by_weight[id(m.weight)] != n]
+    if shared:
+        raise InvalidInputError(
+            f"{shared[0]} shares its weight with {by_weight[id(selected[shared[0]].weight)]}; "
+            "select one of them and list the other in `tied`."
+        )
+    return out

@@ -640,12 +640,6 @@ class _Run:
 
         stage = self.config.stages[i]
         lr2vq = stage.method == "lr2vq"
-        if tied := [job.name for job in self.stages[i] if job.tied]:
-            raise ConfigError(
-                f"stage {stage.name}: method {stage.method} on {', '.join(tied)}, whose weight "
-                "is tied to another layer, is not supported yet. Give that layer a stage of its "
-                "own with method: ipq."
-            )
         options = DKMOptions(
             method=stage.dkm.clusterer if lr2vq else stage.method,  # type: ignore[arg-type]
             tau=stage.dkm.tau,
@@ -661,7 +655,10 @@ class _Run:
             _, q = decode_layer(tensors, meta, where=str(q_dir))
             centroids = q.centroids  # plain: extras were refused at config time (stage_layers)
             opts = dataclasses.replace(options, rank=ranks[job.name]) if lr2vq else options
-            handle = add_dkm(self.model, [job.name], job.block_size, {job.name: centroids}, opts)
+            handle = add_dkm(
+                self.model, [job.name], job.block_size, {job.name: centroids}, opts,
+                tied={job.name: job.tied},
+            )  # fmt: skip
             layers.extend(handle)
         self.dkm = DKM(layers)
 

@@ -33,6 +33,26 @@ class Tiny(nn.Module):
         return out
 
 
+class TiedLM(nn.Module):
+    """An embedding and an output projection sharing one weight (as SmolLM2's do)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(1)
+        self.embed = nn.Embedding(96, 32)
+        self.mix = nn.Linear(32, 32)
+        self.head = nn.Linear(32, 96, bias=False)
+        with torch.no_grad():
+            self.embed.weight.copy_(
+                torch.randn(96, 32, generator=g) * torch.rand(96, 32, generator=g) ** 3
+            )
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.head(torch.tanh(self.mix(self.embed(ids))))
+        return out
+
+
 @pytest.fixture(scope="module")
 def minilm_up() -> torch.Tensor:
     """A real MiniLM weight (1536, 384): the first block's MLP up-projection."""
@@ -235,3 +255,95 @@ def test_idkm_solver_cap_and_stats() -> None:
     assert jfb["proj"].stats.calls == 0  # no implicit solve without idkm
     with pytest.raises(InvalidInputError, match="solver_iters 0"):
         DKMOptions(solver_iters=0)
+
+
+@pytest.mark.parametrize("method", ["dkm", "idkm", "idkm-jfb"])
+def test_tied_modules_share_one_clustering_per_pass(method: str) -> None:
+    """The LM head tied to the embedding uses the embedding's soft weight: one clustering per
+    forward pass (the warm start moves once), the gradient of both uses summed in the shared
+    float weight, exactly as a reference that builds the soft weight once and uses it twice."""
+    model = TiedLM()
+    init = quantize_weight(model.embed.weight, 4, 16, seed=1).centroids
+    options = DKMOptions(method=method, iters=3)  # type: ignore[arg-type]
+    handle = add_dkm(model, "embed", 4, {"embed": init}, options, tied={"embed": ["head"]})
+    layer = handle["embed"]
+    model.train()
+    ids = torch.randint(0, 96, (5, 7), generator=torch.Generator().manual_seed(2))
+    weight = model.embed.weight.detach().clone().requires_grad_(True)
+    starts = []
+    for _ in range(2):  # the second pass clusters again, from the first one's centroids
+        starts.append(layer.centroids.clone())
+        model.zero_grad()
+        out = model(ids)
+        out.pow(2).mean().backward()
+    sub = to_subvectors(weight, 4)
+    c = soft_kmeans(sub, starts[1], layer.tau, 3, method)  # type: ignore[arg-type]
+    soft = from_subvectors(soft_weight(sub, c, layer.tau), (96, 32))
+    expected = F.linear(torch.tanh(model.mix(F.embedding(ids, soft))), soft)
+    expected.pow(2).mean().backward()
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    assert torch.equal(layer.centroids, c.detach())  # moved once in the pass, not twice
+    assert not torch.equal(starts[1], starts[0])
+    assert model.embed.weight.grad is not None
+    assert weight.grad is not None
+    torch.testing.assert_close(model.embed.weight.grad, weight.grad, rtol=1e-5, atol=1e-8)
+
+
+def test_tied_eval_equals_the_exported_tied_pq_layers_and_remove_restores() -> None:
+    model = TiedLM()
+    reference_ids = torch.arange(12)[None]
+    with torch.no_grad():
+        before = model(reference_ids)
+    init = quantize_weight(model.embed.weight, 4, 16, seed=1).centroids
+    handle = add_dkm(model, "embed", 4, {"embed": init}, DKMOptions(iters=2), {"embed": ["head"]})
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    ids = torch.randint(0, 96, (4, 9), generator=torch.Generator().manual_seed(4))
+    model.train()
+    for _ in range(3):
+        opt.zero_grad()
+        model(ids).pow(2).mean().backward()
+        opt.step()
+    assert model.head.weight is model.embed.weight
+    model.eval()
+    with torch.no_grad():
+        trained = model(ids)
+    codebook, codes = handle["embed"].export()
+    exported = TiedLM()
+    exported.mix = model.mix
+    embed = pq_module_for(model.embed).from_float(model.embed, codebook, codes)
+    head = pq_module_for(model.head).from_float(model.head, codebook, codes)
+    head.tie_to(embed)
+    exported.embed, exported.head = embed, head
+    with torch.no_grad():
+        assert torch.equal(exported(ids), trained)
+    handle.remove()
+    assert "forward" not in vars(model.head)
+    assert "forward" not in vars(model.embed)
+    with torch.no_grad():
+        after = model(reference_ids)  # the float model again (its weight trained)
+        expected = F.linear(
+            torch.tanh(model.mix(model.embed.weight[reference_ids])), model.embed.weight
+        )
+    torch.testing.assert_close(after, expected)
+    assert not torch.equal(after, before)
+
+
+def test_tied_bad_input_is_named() -> None:
+    model = TiedLM()
+    init = {"embed": quantize_weight(model.embed.weight, 4, 16, seed=1).centroids}
+    with pytest.raises(InvalidInputError, match=r"head shares its weight with embed; pass tied="):
+        add_dkm(model, "embed", 4, init)
+    with pytest.raises(InvalidInputError, match="mix does not share embed's weight"):
+        add_dkm(model, "embed", 4, init, tied={"embed": ["mix"]})
+    with pytest.raises(InvalidInputError, match="head is both selected and tied to embed"):
+        add_dkm(
+            model, ["embed", "head"], 4, {**init, "head": init["embed"]}, tied={"embed": ["head"]}
+        )
+    with pytest.raises(InvalidInputError, match="embed shares its weight with head; select one"):
+        add_dkm(model, ["embed", "head"], 4, {**init, "head": init["embed"]})
+    with pytest.raises(InvalidInputError, match=r"tied names \['mix'\], which are not selected"):
+        add_dkm(model, "embed", 4, init, tied={"mix": ["head"]})
+    with pytest.raises(InvalidInputError, match=r"nope \(tied to embed\) is not a Linear"):
+        add_dkm(model, "embed", 4, init, tied={"embed": ["nope"]})
+    assert "forward" not in vars(model.embed)
+    assert "forward" not in vars(model.head)

@@ -1,6 +1,7 @@
-"""`dist-pgkm finetune` stages trained with IDKM and LR²VQ instead of iPQ: re-clustered,
-exported, loaded, killed in the LR²VQ stage and resumed to the same bytes. Real SmolLM2 (two
-blocks quantized), real text, DeepSpeed."""
+"""`dist-pgkm finetune` stages trained with IDKM, IDKM-JFB (on the embedding tied to the LM
+head) and LR²VQ instead of iPQ: re-clustered, exported, loaded, killed in the LR²VQ stage and
+resumed to the same bytes. Real SmolLM2 (two blocks and the embedding quantized), real text,
+DeepSpeed."""
 
 from __future__ import annotations
 
@@ -29,6 +30,8 @@ CONFIG: dict[str, Any] = {
         "rules": [
             {"match": r"re:model\.layers\.[01]\.mlp\..*", "block_size": 8, "k": 64},
             {"match": r"re:model\.layers\.[01]\.self_attn\..*", "block_size": 4, "k": 64},
+            # 1.8M sub-vectors: a light k and few steps keep the stage to seconds.
+            {"match": "model.embed_tokens", "block_size": 16, "k": 16},
         ],
     },
     "stages": [
@@ -38,6 +41,13 @@ CONFIG: dict[str, Any] = {
             "steps": 4,
             "method": "idkm",
             "dkm": {"tau": 1.0, "iters": 3, "chunk": 4096},
+        },
+        {
+            "name": "embeddings",
+            "match": "model.embed_tokens",
+            "steps": 2,
+            "method": "idkm-jfb",
+            "dkm": {"tau": 1.0, "iters": 2, "chunk": 65536},
         },
         {
             "name": "attention",
@@ -53,6 +63,7 @@ CONFIG: dict[str, Any] = {
 }
 LAYER = "model.layers.0.mlp.up_proj"
 ATTENTION = "model.layers.1.self_attn.q_proj"
+EMBED = "model.embed_tokens"  # tied to lm_head
 
 
 def _env() -> dict[str, str]:
@@ -90,11 +101,11 @@ def test_idkm_stage_reclusters_and_exports(reference: Path) -> None:
     from dist_pgkm.pq.modules import PQModule
 
     summary = json.loads((reference.parent / "summary.json").read_text())
-    assert [s["method"] for s in summary["stages"]] == ["idkm", "lr2vq"]
-    ranks = summary["stages"][1]["lr2vq_rank"]  # chosen per layer by the rule (block size 4)
+    assert [s["method"] for s in summary["stages"]] == ["idkm", "idkm-jfb", "lr2vq"]
+    ranks = summary["stages"][2]["lr2vq_rank"]  # chosen per layer by the rule (block size 4)
     assert len(ranks) == 8
     assert set(ranks.values()) <= {1, 2, 4}, ranks
-    for layer, stage in ((LAYER, "0-mlp"), (ATTENTION, "1-attention")):
+    for layer, stage in ((LAYER, "0-mlp"), (EMBED, "1-embeddings"), (ATTENTION, "2-attention")):
         shard = f"shards/{layer}.safetensors"
         start, start_meta = read_shard(reference / "stages" / stage / "quantize" / shard)
         final, final_meta = read_shard(reference / shard)
@@ -104,9 +115,11 @@ def test_idkm_stage_reclusters_and_exports(reference: Path) -> None:
         # The weight (or R P) trained and was clustered again: codes moved (iPQ's never do).
         changed = float((q0.codes != q1.codes).float().mean())
         assert changed > 0.01, (layer, changed)
+    assert not (reference / "shards/lm_head.safetensors").exists()  # the tied head: no copy
     model = dist_pgkm.load(reference)
     assert isinstance(model.get_submodule(LAYER), PQModule)
     assert isinstance(model.get_submodule(ATTENTION), PQModule)
+    assert model.lm_head.centroids is model.model.embed_tokens.centroids  # still tied
     ids = torch.tensor([[1, 504, 3287, 28, 253, 2137, 30]])
     with torch.no_grad():
         assert torch.isfinite(model(input_ids=ids).logits).all()
@@ -120,8 +133,8 @@ def test_killed_lr2vq_stage_resumes_to_the_same_bytes(
         _cmd(config_file, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env()
     )
     # The LR²VQ stage has a checkpoint (R, P, centroids) at step 2 of 4; its ranks are in the
-    # state. (The IDKM stage, finished by then, is rebuilt from its files.)
-    kill_at(proc, out, stage=1, step=2)
+    # state. (The IDKM and IDKM-JFB stages, finished by then, are rebuilt from their files.)
+    kill_at(proc, out, stage=2, step=2)
     rerun = subprocess.run(
         [*_cmd(config_file, out), "--resume"], capture_output=True, text=True, timeout=900,
         env=_env(),
@@ -131,5 +144,6 @@ def test_killed_lr2vq_stage_resumes_to_the_same_bytes(
         "model.safetensors",
         f"shards/{LAYER}.safetensors",
         f"shards/{ATTENTION}.safetensors",
+        f"shards/{EMBED}.safetensors",
     ):
         assert (out / name).read_bytes() == (reference / name).read_bytes(), name
