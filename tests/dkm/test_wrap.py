@@ -18,15 +18,20 @@ from dist_pgkm.pq.modules import pq_module_for
 from dist_pgkm.pq.quantize import quantize_weight
 
 
+def _heavy_tailed_(weights: list[torch.Tensor], seed: int) -> None:
+    """Fill ``weights`` with heavy-tailed values: a few large ones among small ones."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in weights:
+            p.copy_(torch.randn(p.shape, generator=g) * torch.rand(p.shape, generator=g) ** 3)
+
+
 class Tiny(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        g = torch.Generator().manual_seed(0)
         self.embed = nn.Embedding(96, 32)
         self.proj = nn.Linear(32, 48)
-        with torch.no_grad():  # heavy-tailed weights: a few large values among small ones
-            for p in (self.embed.weight, self.proj.weight):
-                p.copy_(torch.randn(p.shape, generator=g) * torch.rand(p.shape, generator=g) ** 3)
+        _heavy_tailed_([self.embed.weight, self.proj.weight], seed=0)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         out: torch.Tensor = self.proj(self.embed(ids))
@@ -38,14 +43,10 @@ class TiedLM(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        g = torch.Generator().manual_seed(1)
         self.embed = nn.Embedding(96, 32)
         self.mix = nn.Linear(32, 32)
         self.head = nn.Linear(32, 96, bias=False)
-        with torch.no_grad():
-            self.embed.weight.copy_(
-                torch.randn(96, 32, generator=g) * torch.rand(96, 32, generator=g) ** 3
-            )
+        _heavy_tailed_([self.embed.weight, self.mix.weight], seed=1)
         self.head.weight = self.embed.weight
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
