@@ -43,7 +43,7 @@ from dist_pgkm.dkm.functional import (
 from dist_pgkm.dkm.lr2vq import low_rank
 from dist_pgkm.errors import InvalidInputError
 from dist_pgkm.noise.functional import check_layout
-from dist_pgkm.noise.wrap import LayerOps, layer_ops, select_layers
+from dist_pgkm.noise.wrap import NOISE_LAYERS, LayerOps, layer_ops, select_layers
 from dist_pgkm.pq.codec import from_subvectors, to_subvectors
 
 __all__ = ["BUFFER", "DKM", "DKMLayer", "DKMOptions", "LR2VQLayer", "add_dkm"]
@@ -391,8 +391,9 @@ def _tied_modules(
             target = modules.get(other)
             other_ops = None if target is None else layer_ops(target)
             if target is None or other_ops is None:
+                supported = ", ".join(t.__name__ for t in NOISE_LAYERS)
                 raise InvalidInputError(
-                    f"{other} (tied to {name}) is not a Linear, Embedding or Conv2d module of "
+                    f"{other} (tied to {name}) is not a {supported} module of "
                     f"{type(model).__name__}."
                 )
             if other in selected:
@@ -402,7 +403,7 @@ def _tied_modules(
             if target.weight is not module.weight or other_ops.shape(target) != ops.shape(module):
                 raise InvalidInputError(
                     f"{other} does not share {name}'s weight (the same Parameter, the same "
-                    f"shape); only modules tied to it can be listed in `tied`."
+                    "shape); only modules tied to it can be listed in `tied`."
                 )
             out[name][other] = target
     # A module sharing a selected weight but left undeclared would keep the float weight.

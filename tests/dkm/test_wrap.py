@@ -344,7 +344,9 @@ def test_tied_bad_input_is_named() -> None:
         add_dkm(model, ["embed", "head"], 4, {**init, "head": init["embed"]})
     with pytest.raises(InvalidInputError, match=r"tied names \['mix'\], which are not selected"):
         add_dkm(model, "embed", 4, init, tied={"mix": ["head"]})
-    with pytest.raises(InvalidInputError, match=r"nope \(tied to embed\) is not a Linear"):
+    with pytest.raises(
+        InvalidInputError, match=r"nope \(tied to embed\) is not a Linear, Embedding, Conv2d module"
+    ):
         add_dkm(model, "embed", 4, init, tied={"embed": ["nope"]})
     assert "forward" not in vars(model.embed)
     assert "forward" not in vars(model.head)
