@@ -86,12 +86,17 @@ def exclusive_run(directory: Path) -> Iterator[None]:
     The lock dies with its process, so a killed run never leaves the directory locked.
 
     Raises:
-        CheckpointError: Another process is running in ``directory``.
+        CheckpointError: Another process is running in ``directory``, or ``directory`` cannot
+            be created or written (a read-only file system, no permission).
     """
     import fcntl  # POSIX only
 
-    directory.mkdir(parents=True, exist_ok=True)
-    with (directory / LOCK_NAME).open("a+b") as fh:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fh = (directory / LOCK_NAME).open("a+b")
+    except OSError as exc:
+        raise _not_writable(directory, exc) from exc
+    with fh:
         try:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as exc:
@@ -103,6 +108,20 @@ def exclusive_run(directory: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def _not_writable(directory: Path, exc: OSError) -> CheckpointError:
+    """The error for an output directory this process cannot create or write in."""
+    why = {
+        errno.EROFS: "it is on a read-only file system",
+        errno.EACCES: "this user may not write there",
+        errno.EPERM: "this user may not write there",
+    }.get(exc.errno or 0, exc.strerror or str(exc))
+    return CheckpointError(
+        f"Cannot write the output directory {directory}: {why} ({exc}). The run writes its "
+        "shards, manifest and checkpoint there. Choose a writable --out (e.g. on a scratch or "
+        "shared file system mounted read-write), or fix the directory's permissions."
+    )
 
 
 def remove_stale_temp_files(directory: Path) -> int:

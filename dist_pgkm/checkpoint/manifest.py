@@ -28,13 +28,15 @@ MANIFEST_VERSION = 1
 @dataclass(frozen=True)
 class LayerRecord:
     """A finished layer: its shard (relative to the output dir), the shard's sha256, the time
-    it took, and the k-means metric it was quantized with (``weight``, ``hessian``,
-    ``hessian-diag``)."""
+    it took, the k-means metric it was quantized with (``weight``, ``hessian``,
+    ``hessian-diag``), and the sha256 of the source weight's bytes it was quantized from (empty
+    in manifests written before it was recorded)."""
 
     shard: str
     sha256: str
     seconds: float
     metric: str = "weight"
+    source_sha256: str = ""
 
 
 def fingerprint_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -193,6 +195,14 @@ class Manifest:
             self.data["merged"] = None
             self.save()
         return bad
+
+    def forget(self, names: list[str]) -> None:
+        """Mark finished layers as to be done again (their source changed) and save."""
+        for name in names:
+            del self.data["layers"][name]
+        if names:
+            self.data["merged"] = None
+            self.save()
 
     def record(self, name: str, record: LayerRecord) -> None:
         """Mark ``name`` finished (its shard must already be on disk) and save."""

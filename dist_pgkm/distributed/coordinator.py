@@ -29,7 +29,7 @@ from dist_pgkm.checkpoint.shard import file_sha256, write_shard
 from dist_pgkm.config.quantize import QuantizeConfig
 from dist_pgkm.distributed.plan import LayerJob, Plan, plan_run
 from dist_pgkm.distributed.progress import CalibrationStatus, ProgressSnapshot, RunTracker
-from dist_pgkm.distributed.worker import JobResult, run_job
+from dist_pgkm.distributed.worker import JobResult, run_job, weight_sha256
 from dist_pgkm.errors import CheckpointError, ConfigError, DistributedError, InvalidInputError
 from dist_pgkm.models.calibrate import (
     HEAD,
@@ -338,6 +338,7 @@ def _run(
     if removed := remove_stale_temp_files(out):
         logger.info("Removed %d temp files left by an interrupted run", removed)
     redone = manifest.verify()
+    redone += _changed_sources(manifest, source, plan)
     done = manifest.layers
     todo = [job for job in plan.jobs if job.name not in done]
     total = len(plan.jobs)
@@ -404,6 +405,37 @@ def _run(
         metrics={name: rec.metric for name, rec in sorted(manifest.layers.items())},
         calibration=calib_info,
     )
+
+
+def _changed_sources(manifest: Manifest, source: ModelSource, plan: Plan) -> list[str]:
+    """Finished layers whose source weight is not the one they were quantized from.
+
+    The run's fingerprint sees a weight file's size, header and first and last MiB; an edit
+    in between (the same tensors at the same offsets with other values) is caught here: each
+    finished layer's weight is read again and hashed, and a layer whose bytes changed is
+    forgotten, so it is quantized again from the weight as it is now.
+
+    Returns:
+        Names of the layers to redo.
+    """
+    records = manifest.layers
+    changed = []
+    for job in plan.jobs:
+        record = records.get(job.name)
+        if record is None or not record.source_sha256:
+            continue
+        if weight_sha256(source.read(job.tensor)) != record.source_sha256:
+            changed.append(job.name)
+    if changed:
+        logger.warning(
+            "The source weights of %d finished layer(s) changed since they were quantized "
+            "(same files, sizes and headers, other values): %s. Quantizing them again from "
+            "the weights as they are now.",
+            len(changed),
+            ", ".join(changed[:5]) + (", ..." if len(changed) > 5 else ""),
+        )
+        manifest.forget(changed)
+    return changed
 
 
 def _calibrate(
@@ -525,5 +557,6 @@ def _record(job: LayerJob, result: JobResult, manifest: Manifest) -> None:
     """Write a finished job's shard and mark it done: only the coordinator writes."""
     rel = shard_path(job.name)
     digest = write_shard(manifest.out_dir / rel, result.tensors, result.meta)
-    manifest.record(job.name, LayerRecord(rel, digest, round(result.seconds, 3), result.metric))
+    record = LayerRecord(rel, digest, round(result.seconds, 3), result.metric, result.source_sha256)
+    manifest.record(job.name, record)
     logger.debug("%s done in %.2f s", job.name, result.seconds)

@@ -7,6 +7,7 @@ whatever executes the jobs, in whatever order, after whatever restarts.
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from collections.abc import Sequence
@@ -18,7 +19,17 @@ from dist_pgkm.errors import ConfigError
 from dist_pgkm.models.layers import LayerInfo
 from dist_pgkm.utils.seeding import derive_seed
 
-__all__ = ["LayerJob", "Plan", "SkippedLayer", "in_repeated_block", "layer_seed", "plan_run"]
+__all__ = [
+    "LayerJob",
+    "Plan",
+    "SkippedLayer",
+    "in_repeated_block",
+    "layer_seed",
+    "plan_run",
+    "unused_rules",
+]
+
+logger = logging.getLogger(__name__)
 
 
 def layer_seed(run_seed: int, name: str) -> int:
@@ -172,6 +183,17 @@ def plan_run(layers: Sequence[LayerInfo], config: QuantizeConfig) -> Plan:
             f"{more}. Change their rule's block_size / k, exclude them with a `skip: true` "
             "rule, or set `on_unsupported: skip`."
         )
+    for warning in unused_rules(layers, config):
+        logger.warning("%s", warning)
+    if not jobs and skipped:
+        listing = "; ".join(f"{s.name} {s.shape}: {s.reason}" for s in skipped[:5])
+        more = f" (and {len(skipped) - 5} more)" if len(skipped) > 5 else ""
+        raise ConfigError(
+            f"no layer can be quantized as configured: the rules select {len(skipped)} "
+            f"layer(s), and every one is skipped (`on_unsupported: skip`): {listing}{more}. "
+            "Choose a block_size that divides the layers' input width and a k no larger than "
+            "their number of blocks."
+        )
     if not jobs:
         names = ", ".join(layer.name for layer in layers[:4])
         raise ConfigError(
@@ -182,3 +204,42 @@ def plan_run(layers: Sequence[LayerInfo], config: QuantizeConfig) -> Plan:
     # Longest first, ties by name: the order is part of no output, but keep it reproducible.
     jobs.sort(key=lambda job: (-job.est_cost, job.name))
     return Plan(tuple(jobs), tuple(skipped), n_float)
+
+
+def unused_rules(layers: Sequence[LayerInfo], config: QuantizeConfig) -> list[str]:
+    """One message per rule that decides no layer of the model, when another rule does.
+
+    A rule decides no layer when none of its patterns matches a layer name (a typo, another
+    architecture's names) or when every layer it matches is taken by an earlier rule (first
+    match wins). When no rule decides anything, the "selects no layer" error says it instead.
+    """
+    decided = [0] * len(config.rules)
+    matched = [0] * len(config.rules)
+    for layer in layers:
+        first = None
+        for i, rule in enumerate(config.rules):
+            if rule.matches(layer.name):
+                matched[i] += 1
+                if first is None:
+                    first = i
+        if first is not None:
+            decided[first] += 1
+    if not any(decided):
+        return []
+    messages = []
+    for i, rule in enumerate(config.rules):
+        if decided[i]:
+            continue
+        what = f"rule {i + 1} (match: {', '.join(rule.match)})"
+        if matched[i]:
+            messages.append(
+                f"{what} decides no layer: each of the {matched[i]} layer(s) it matches is "
+                "taken by an earlier rule (first match wins). Move it up, or remove it."
+            )
+        else:
+            messages.append(
+                f"{what} matches none of the model's {len(layers)} quantizable layers (e.g. "
+                f"{', '.join(layer.name for layer in layers[:3])}). Check its pattern: an "
+                "exact module name, or `re:` + a regular expression matching the whole name."
+            )
+    return messages
