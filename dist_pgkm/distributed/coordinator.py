@@ -10,6 +10,7 @@ same bytes.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import logging
 import time
@@ -43,7 +44,7 @@ from dist_pgkm.models.source import ModelSource, open_source
 from dist_pgkm.utils.memory import peak_rss_bytes
 
 if TYPE_CHECKING:
-    from dist_pgkm.distributed.ray_executor import RayOptions
+    from dist_pgkm.distributed.ray_executor import RayOptions, RaySession
 
 __all__ = [
     "Progress",
@@ -267,7 +268,12 @@ def quantize_model(
         raise InvalidInputError(f"calib_checkpoint_every={calib_checkpoint_every}: use >= 0.")
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"{out} is a file; --out must be a directory.")
-    with exclusive_run(out):
+    with contextlib.ExitStack() as stack:
+        # Connect first, then create the run: a join that fails leaves --out untouched.
+        session = None
+        if not executor.in_process:
+            session = stack.enter_context(_ray_executor().connect(executor.options()))
+        stack.enter_context(exclusive_run(out))
         return _run(
             Path(model).absolute(),  # workers may run in another directory or node
             source,
@@ -278,7 +284,7 @@ def quantize_model(
             max_shard_bytes,
             progress,
             start,
-            executor,
+            session,
             calibration,
             calib_checkpoint_every,
         )
@@ -329,7 +335,7 @@ def _run(
     max_shard_bytes: int,
     progress: Progress | None,
     start: float,
-    executor: _Executor,
+    session: RaySession | None,
     calibration: _Calibration | None,
     calib_checkpoint_every: float,
 ) -> RunSummary:
@@ -363,7 +369,7 @@ def _run(
         hessians, calib_info = _calibrate(source, calibration, todo, store, tracker)
         tracker.stage("quantizing")
 
-    if executor.in_process:
+    if session is None:
         tracker.worker_ready("local", "this process")
         for job in todo:
             tracker.dispatched(job, "local")
@@ -376,7 +382,9 @@ def _run(
             record(job, result)
             tracker.finished(job, "local", result.seconds, result.peak_rss_bytes)
     elif todo:
-        _run_on_ray(todo, model, config, executor, record, tracker, hessians)
+        # Absolute, not resolved (see open_source): workers may run in another directory.
+        path = str(model.expanduser().absolute())
+        session.run(todo, path, config, record, tracker, hessians)
     tracker.close()
     quantize_end = time.perf_counter()
 
@@ -535,22 +543,6 @@ def _merged_intact(out: Path, files: dict[str, str]) -> bool:
             logger.warning("%s is missing or modified; merging again", path)
             return False
     return True
-
-
-def _run_on_ray(
-    jobs: list[LayerJob],
-    model: Path,
-    config: QuantizeConfig,
-    executor: _Executor,
-    record: Callable[[LayerJob, JobResult], None],
-    tracker: RunTracker,
-    hessians: dict[str, HessianFile],
-) -> None:
-    # Absolute, not resolved (see open_source): workers may run in another directory.
-    path = str(model.expanduser().absolute())
-    _ray_executor().run_on_ray(
-        jobs, path, config, executor.options(), record, tracker, hessians=hessians
-    )
 
 
 def _record(job: LayerJob, result: JobResult, manifest: Manifest) -> None:

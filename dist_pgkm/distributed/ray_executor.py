@@ -43,7 +43,15 @@ from dist_pgkm.errors import DistPGKMError, DistributedError
 from dist_pgkm.models.source import ModelSource, open_source
 from dist_pgkm.utils.optional import set_threads
 
-__all__ = ["RayOptions", "WorkerInfo", "preflight", "resolve_address", "run_on_ray"]
+__all__ = [
+    "RayOptions",
+    "RaySession",
+    "WorkerInfo",
+    "connect",
+    "preflight",
+    "resolve_address",
+    "run_on_ray",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -171,9 +179,54 @@ def run_on_ray(
     """
     if not jobs:
         return
+    with connect(options) as session:
+        session.run(jobs, model, config, on_result, tracker, hessians)
+
+
+@dataclass(frozen=True)
+class RaySession:
+    """A live connection to Ray (embedded or a cluster), made by :func:`connect`.
+
+    Attributes:
+        options: How it was made.
+        n_workers: The workers a run starts with (``options.workers``, or the cluster's
+            slots when that is 0).
+    """
+
+    options: RayOptions
+    n_workers: int
+
+    def run(
+        self,
+        jobs: Sequence[LayerJob],
+        model: str,
+        config: QuantizeConfig,
+        on_result: OnResult,
+        tracker: RunTracker | None = None,
+        hessians: Mapping[str, HessianFile] | None = None,
+    ) -> None:
+        """Run ``jobs`` on this session's workers (see :func:`run_on_ray`)."""
+        if not jobs:
+            return
+        scheduler = _Scheduler(
+            model, config, self.options, on_result, tracker, dict(hessians or {})
+        )
+        scheduler.run(jobs, self.n_workers)
+
+
+@contextlib.contextmanager
+def connect(options: RayOptions) -> Iterator[RaySession]:
+    """Start an embedded Ray or join the cluster, and yield the session to run jobs on.
+
+    The coordinator connects before it creates or locks its output directory, so a join that
+    fails leaves nothing behind (no ``manifest.json`` that would make a launcher resume).
+
+    Raises:
+        DistributedError: The cluster cannot be reached or joined within the bounds in
+            :class:`RayOptions`, or an embedded Ray is asked for no worker.
+    """
     with ray_session(options) as n_workers:
-        scheduler = _Scheduler(model, config, options, on_result, tracker, dict(hessians or {}))
-        scheduler.run(jobs, n_workers)
+        yield RaySession(options, n_workers)
 
 
 def preflight(options: RayOptions) -> None:
@@ -231,7 +284,29 @@ def _ray_env() -> Iterator[None]:
 
 
 def _check_reachable(address: str, timeout: float) -> None:
-    """Fail fast on an address nothing listens on: ``ray.init`` would retry for minutes."""
+    """Fail fast on an address that is not a Ray head's GCS: ``ray.init`` would retry for
+    minutes (nothing listening) or without end (something else listening).
+
+    Three bounded steps, each within ``timeout`` seconds: the address's form (a URL is named
+    as such), a TCP connection, and one gRPC call to the GCS (``CheckAlive``), whose reply
+    carries the cluster's Ray version.
+    """
+    scheme, sep, rest = address.partition("://")
+    if sep:
+        url_host = rest.split("/", 1)[0].rpartition(":")[0] or "HOST"
+        if scheme in ("http", "https"):
+            raise DistributedError(
+                f"--address {address!r} is a URL, like the dashboard's that `ray job submit` "
+                "uses; --address needs the head's GCS address HOST:PORT (as printed by `ray "
+                f"start --head`, port 6379 by default, e.g. {url_host}:6379). To submit "
+                "through the dashboard instead, use launchers/ray-job-submit.sh."
+            )
+        raise DistributedError(
+            f"--address {address!r}: a {scheme}:// address (Ray Client) is not supported; the "
+            "driver joins the cluster directly. Pass the head's GCS address HOST:PORT (port 6379 "
+            "by default), or run the command on the cluster with `ray job submit` "
+            "(launchers/ray-job-submit.sh)."
+        )
     host, sep, port = address.rpartition(":")
     if not sep or not port.isdigit() or not host:
         raise DistributedError(
@@ -247,6 +322,39 @@ def _check_reachable(address: str, timeout: float) -> None:
             f"`ray start --head --port={port}` on {host}, check the host and port (the head "
             "prints its address), or drop --address to run on this machine."
         ) from err
+    _check_gcs(address, timeout)
+
+
+def _check_gcs(address: str, timeout: float) -> None:
+    """One gRPC call to the GCS at ``address``: is it Ray's, and of this Ray version?"""
+    import grpc  # type: ignore[import-untyped]  # a dependency of ray
+    from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        stub = gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel)  # type: ignore[no-untyped-call]
+        request = gcs_service_pb2.CheckAliveRequest()  # type: ignore[attr-defined]
+        try:
+            reply = stub.CheckAlive(request, timeout=timeout)
+        except grpc.RpcError as err:
+            code = err.code()
+            if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                why = f"it accepted a connection but did not answer within {timeout:g} s"
+            elif code == grpc.StatusCode.UNIMPLEMENTED:
+                why = "it speaks gRPC but is not a GCS (a Ray Client or agent port?)"
+            else:
+                why = f"it does not speak Ray's protocol ({err.details()})"
+            raise DistributedError(
+                f"{address} is not a Ray cluster's head (GCS): {why}. Pass the GCS address "
+                "printed by `ray start --head` (HOST:6379 by default), not the dashboard's "
+                "(8265) or the Ray Client's (10001) port."
+            ) from err
+    theirs, ours = reply.ray_version, ray.__version__
+    if theirs and theirs != ours:
+        raise DistributedError(
+            f"The Ray cluster at {address} runs Ray {theirs}, this driver Ray {ours}. Install "
+            f"the cluster's version here (pip install 'ray[default]=={theirs}'), or run the "
+            "driver in the cluster's environment."
+        )
 
 
 def _node_ip_for(address: str) -> str | None:
