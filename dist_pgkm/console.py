@@ -140,9 +140,11 @@ def worker_summary_lines(timing: dict[str, Any], slowest: int = 3) -> list[str]:
     for w in timing.get("workers", []):
         lost = " (lost)" if w["lost"] else ""
         rss = f", peak RSS {format_bytes(w['peak_rss_bytes'], 1)}" if w["peak_rss_bytes"] else ""
+        lost_work = w.get("lost_seconds", 0.0)
+        redone = f" + {lost_work:.1f} s on a job lost with it" if lost_work else ""
         lines.append(
             f"  {w['worker']} on {w['node']}{lost}: {w['jobs']} layers, busy "
-            f"{w['busy_seconds']:.1f} s of {w['alive_seconds']:.1f} s, idle "
+            f"{w['busy_seconds']:.1f} s{redone} of {w['alive_seconds']:.1f} s, idle "
             f"{100 * w['idle_share']:.0f}%{rss}"
         )
     if timing.get("workers"):

@@ -32,13 +32,18 @@ __all__ = [
 
 @dataclass
 class WorkerStats:
-    """One worker over the run (an in-process run has one, ``local``)."""
+    """One worker over the run (an in-process run has one, ``local``).
+
+    ``busy_seconds`` counts the jobs whose results arrived; ``lost_seconds`` the time a lost
+    worker had spent on the job it died with (work done, then lost): neither is idle.
+    """
 
     label: str
     node: str
     ready_at: float
     jobs: int = 0
     busy_seconds: float = 0.0
+    lost_seconds: float = 0.0
     ended_at: float | None = None
     peak_rss_bytes: int = 0
     lost: bool = False
@@ -50,13 +55,15 @@ class WorkerStats:
 
     def as_dict(self, now: float) -> dict[str, Any]:
         alive = self.alive_seconds(now)
+        worked = self.busy_seconds + self.lost_seconds
         return {
             "worker": self.label,
             "node": self.node,
             "jobs": self.jobs,
             "busy_seconds": round(self.busy_seconds, 3),
+            "lost_seconds": round(self.lost_seconds, 3),
             "alive_seconds": round(alive, 3),
-            "idle_share": round(1.0 - self.busy_seconds / alive, 4) if alive > 0 else 0.0,
+            "idle_share": round(max(0.0, 1.0 - worked / alive), 4) if alive > 0 else 0.0,
             "peak_rss_bytes": self.peak_rss_bytes,
             "lost": self.lost,
         }
@@ -183,9 +190,13 @@ class RunTracker:
         self._notify()
 
     def worker_lost(self, label: str) -> None:
+        """A worker died; the time it spent on its job in flight counts as lost work."""
         worker = self.workers.get(label)
         if worker is not None:
-            worker.lost, worker.ended_at, worker.job = True, self.clock(), None
+            now = self.clock()
+            if worker.job is not None:
+                worker.lost_seconds += now - worker.job_since
+            worker.lost, worker.ended_at, worker.job = True, now, None
         self._notify()
 
     def stage(self, description: str) -> None:
@@ -242,15 +253,18 @@ class RunTracker:
         )
 
     def summary(self, slowest: int = 10) -> dict[str, Any]:
-        """Where the time went: per worker (busy, alive, idle share) and the slowest layers."""
+        """Where the time went: per worker (busy, lost with a dead worker, alive, idle share)
+        and the slowest layers."""
         now = self.clock()
         busy = sum(w.busy_seconds for w in self.workers.values())
+        lost = sum(w.lost_seconds for w in self.workers.values())
         alive = sum(w.alive_seconds(now) for w in self.workers.values())
         layers = sorted(self.layers, key=lambda t: t.seconds, reverse=True)
         return {
             "workers": [w.as_dict(now) for w in self.workers.values()],
             "busy_seconds": round(busy, 3),
-            "idle_share": round(1.0 - busy / alive, 4) if alive > 0 else 0.0,
+            "lost_seconds": round(lost, 3),
+            "idle_share": round(max(0.0, 1.0 - (busy + lost) / alive), 4) if alive > 0 else 0.0,
             "layer_seconds": {t.name: round(t.seconds, 3) for t in self.layers},
             "slowest_layers": [
                 {"name": t.name, "worker": t.worker, "seconds": round(t.seconds, 3)}

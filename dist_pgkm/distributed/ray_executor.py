@@ -19,6 +19,7 @@ import contextlib
 import logging
 import os
 import platform
+import re
 import shutil
 import socket
 import tempfile
@@ -76,7 +77,9 @@ class RayOptions:
         gpus_per_worker: GPUs each actor reserves (0: CPU actors).
         cpus_per_worker: CPUs each CPU actor reserves, and the threads its kernels use.
         max_attempts: Tries per job before a job whose worker dies every time fails the run.
-        connect_timeout: Seconds to reach ``address`` before giving up.
+        connect_timeout: Seconds to reach ``address`` before giving up; during a run on a
+            cluster, also how long the head's GCS may refuse connections before the run
+            ends with "lost the head node".
         placement_timeout: Seconds without any live actor (none placed yet, or all lost and
             no replacement placed) before the run fails: the cluster lacks the resources.
     """
@@ -418,12 +421,57 @@ def ray_session(options: RayOptions, log_to_driver: bool = False) -> Iterator[in
                         "and the cluster must run the same Ray and Python versions; check "
                         "`ray --version` on the head."
                     ) from err
-            yield _n_workers(options)
+            if log_to_driver:
+                yield _n_workers(options)
+            else:
+                with _cluster_errors_to_logging():
+                    yield _n_workers(options)
         finally:
             if ray.is_initialized():
                 ray.shutdown()
             if temp_dir is not None:
                 shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _cluster_errors_to_logging() -> Iterator[None]:
+    """Route the errors Ray's cluster publishes to this driver into logging.
+
+    Ray's driver prints each of them to stdout from a background thread whatever
+    ``log_to_driver`` says: a lost node is announced by a dump of its raylet's last lines of
+    log (about 20 lines, often twice) in the middle of a job's output. Here each becomes one
+    warning line (its first line; the executor says what it does about the loss) and the full
+    text a debug record. Ray 2.60's printer is a module function looked up at each call; if a
+    later Ray moves it, its output is left as it is.
+    """
+    from ray._private import worker as ray_worker
+
+    original = getattr(ray_worker, "print_to_stdstream", None)
+    if original is None:
+        yield
+        return
+
+    seen: set[str] = set()  # Ray publishes a lost raylet's report twice
+
+    def to_logging(data: dict[str, Any], ignore_prefix: bool) -> None:
+        if data.get("pid") != "raylet":  # not a cluster error: Ray's own printing
+            original(data, ignore_prefix)
+            return
+        for text in data.get("lines", []):
+            lines = str(text).strip().splitlines()
+            if lines:
+                # The first line, without its announcement of the log dump that follows.
+                first = re.split(r"\s*Last \d+ lines", lines[0])[0][:300]
+                logger.debug("Ray's full report:\n%s", text)
+                if first not in seen:
+                    seen.add(first)
+                    logger.warning("Ray reports: %s (details in Ray's logs)", first)
+
+    ray_worker.print_to_stdstream = to_logging
+    try:
+        yield
+    finally:
+        ray_worker.print_to_stdstream = original
 
 
 def _remove_stale_temp_dirs() -> None:
@@ -522,20 +570,30 @@ class _Scheduler:
     next_index: int = 0
     start_failures: int = 0
     no_worker_since: float | None = None
+    head: str | None = None  # the cluster's GCS address, watched during the run
+    head_checked: float = 0.0
+    head_down_since: float | None = None
+    cluster_lost: bool = False
 
     def run(self, jobs: Sequence[LayerJob], n_workers: int) -> None:
         self.queue.extend(jobs)
         remaining = len(jobs)
+        if self.options.address is not None:
+            self.head = resolve_address(self.options.address)
         logger.info("Running %d jobs on %d Ray workers", remaining, n_workers)
         try:
             for _ in range(min(n_workers, remaining)):
                 self._start_actor()
             while remaining:
+                self._check_head()
                 self._dispatch()
                 self._check_placement()
                 # One job in flight per actor bounds the work in flight to the number of actors.
                 assert self.pending, "jobs left but nothing starting or running"
-                ready, _ = ray.wait(list(self.pending), num_returns=1, timeout=1.0)
+                try:
+                    ready, _ = ray.wait(list(self.pending), num_returns=1, timeout=1.0)
+                except OSError as err:  # the driver's own raylet is gone (a broken pipe)
+                    raise self._lost_cluster(f"this machine's Ray node stopped ({err})") from err
                 for ref in ready:
                     slot = self.slots[self.pending.pop(ref)]
                     if ref == slot.ready_ref:
@@ -543,8 +601,46 @@ class _Scheduler:
                     elif self._on_result(slot, ref):
                         remaining -= 1
         finally:
-            for slot in self.slots.values():
-                ray.kill(slot.actor)
+            if not self.cluster_lost:  # with the cluster gone, Ray can kill nothing
+                for slot in self.slots.values():
+                    ray.kill(slot.actor)
+
+    def _check_head(self) -> None:
+        """Fail the run, saying what to do, once the head's GCS has been gone for a while.
+
+        Without this, Ray's driver gives up on a lost GCS only after 60 s, with a C++ message
+        and no word about the run.
+        """
+        now = time.monotonic()
+        if self.head is None or now - self.head_checked < 1.0:
+            return
+        self.head_checked = now
+        host, _, port = self.head.rpartition(":")
+        try:
+            with socket.create_connection((host, int(port)), timeout=2.0):
+                pass
+        except OSError as err:
+            if self.head_down_since is None:
+                self.head_down_since = now
+                logger.warning("The Ray head at %s does not answer (%s)", self.head, err)
+            down = now - self.head_down_since
+            if down >= self.options.connect_timeout:
+                raise self._lost_cluster(
+                    f"its GCS at {self.head} has refused connections for {down:.0f} s ({err})"
+                ) from err
+            return
+        self.head_down_since = None
+
+    def _lost_cluster(self, what: str) -> DistributedError:
+        """The error that ends a run whose cluster is gone (nothing can be cleaned up)."""
+        self.cluster_lost = True
+        where = f"the Ray head node at {self.head}" if self.head else "the embedded Ray"
+        return DistributedError(
+            f"Lost {where}: {what}. The layers finished so far are saved in the output "
+            "directory. Restart the cluster (or let the scheduler requeue the job) and run the "
+            "same command again: it resumes where this run stopped (the launchers add "
+            "--resume)."
+        )
 
     def _start_actor(self) -> None:
         index = self.next_index

@@ -9,7 +9,12 @@ port answers), and a server that accepts connections and never answers. Both use
 from __future__ import annotations
 
 import http.server
+import json
+import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -22,6 +27,9 @@ pytest.importorskip("ray", reason="Ray is not installed: pip install 'dist-pgkm[
 from dist_pgkm.config.quantize import QuantizeConfig
 from dist_pgkm.distributed.coordinator import quantize_model
 from dist_pgkm.errors import DistributedError
+
+from .cluster import RAY_ENV, LoopbackCluster, stop_tree, wait_for
+from .conftest import CONFIG, N_JOBS, checkpoint_bytes
 
 
 @pytest.fixture
@@ -84,3 +92,104 @@ def test_url_as_address_is_named(
     with pytest.raises(DistributedError, match=message):
         quantize_model(model, config, tmp_path / "out", address=address, workers=1)
     assert not (tmp_path / "out").exists()
+
+
+# --- a real 2-node cluster on loopback: lost nodes (items 10 and 11) ----------------------------
+
+
+def _quantize_cmd(tmp_path: Path, out: Path, address: str) -> list[str]:
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps(CONFIG))
+    cli = [sys.executable, "-m", "dist_pgkm.cli", "quantize", "minilm-l6", "--config", str(cfg)]
+    return [*cli, "--out", str(out), "--address", address, "--workers", "2"]
+
+
+def _shards(out: Path) -> int:
+    return len(list((out / "shards").glob("*.safetensors"))) if (out / "shards").is_dir() else 0
+
+
+@pytest.mark.slow  # measured: 115 s (two clusters started, two runs)
+def test_lost_head_is_a_typed_error_and_the_same_command_resumes(
+    tmp_path: Path, reference: Path
+) -> None:
+    out = tmp_path / "out"
+    cluster = LoopbackCluster()
+    cluster.start()
+    port = cluster.port
+    cmd = _quantize_cmd(tmp_path, out, cluster.address)
+    env = {**os.environ, **RAY_ENV, "COLUMNS": "200"}
+    driver = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        wait_for(lambda: _shards(out) >= 2 or driver.poll() is not None, 240, "2 shards")
+        assert driver.poll() is None, "the run ended before the head could be killed"
+        assert cluster.head is not None
+        stop_tree(cluster.head)  # the head node dies: GCS, raylet, everything on it
+        cluster.head = None
+        killed = time.monotonic()
+        _, stderr = driver.communicate(timeout=120)
+        ended = time.monotonic() - killed
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+        cluster.stop()
+    text = stderr.decode()
+    assert driver.returncode == 2, text
+    assert "Lost the Ray head node" in text
+    assert "run the same command again" in text
+    assert ended < 40, ended  # Ray alone gave up after 60 s, with no word about the run
+    done_before = _shards(out)
+    assert 2 <= done_before < N_JOBS
+
+    # The cluster comes back at the same address; the same command (with --resume, as the
+    # launchers add it) finishes the run with the same bytes.
+    again = LoopbackCluster()
+    again.port, again.address = port, f"{again.address.rpartition(':')[0]}:{port}"
+    again.start()
+    try:
+        rerun = subprocess.run(
+            [*cmd, "--resume"], env=env, capture_output=True, text=True, timeout=300
+        )
+    finally:
+        again.stop()
+    assert rerun.returncode == 0, rerun.stderr
+    assert checkpoint_bytes(out) == checkpoint_bytes(reference)
+
+
+@pytest.mark.slow  # measured: 34 s
+def test_lost_node_is_one_log_line_and_its_work_is_not_idle(
+    tmp_path: Path, reference: Path
+) -> None:
+    out = tmp_path / "out"
+    cluster = LoopbackCluster()
+    cluster.start()
+    raylet = cluster.raylet_pid(cluster.worker)
+    assert raylet is not None
+    cmd = [*_quantize_cmd(tmp_path, out, cluster.address), "--json", str(tmp_path / "run.json")]
+    env = {**os.environ, **RAY_ENV, "COLUMNS": "200"}
+    driver = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        # Both nodes are busy once two layers are done: the worker node dies mid-job.
+        wait_for(lambda: _shards(out) >= 2 or driver.poll() is not None, 240, "2 shards")
+        assert driver.poll() is None, "the run ended before the node could be killed"
+        os.kill(raylet, signal.SIGKILL)
+        stdout, stderr = driver.communicate(timeout=300)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+        cluster.stop()
+    text = stdout.decode() + stderr.decode()
+    assert driver.returncode == 0, text
+    # Ray used to print the dead raylet's last lines of log here (38 lines for one node).
+    assert "(raylet)" not in text
+    assert "last 20 lines" not in text.lower()
+    # One line per distinct report (the raylet's death, published twice; the node marked dead).
+    reports = [line for line in text.splitlines() if "Ray reports:" in line]
+    assert 1 <= len(reports) <= 2, reports
+    assert "Raylet is terminated" in reports[0]
+    assert checkpoint_bytes(out) == checkpoint_bytes(reference)
+    workers = json.loads((tmp_path / "run.json").read_text())["timing"]["workers"]
+    lost = [w for w in workers if w["lost"]]
+    assert len(lost) == 1
+    # It was running a job when its node died: that time is lost work, not idle time.
+    assert lost[0]["lost_seconds"] > 0
+    assert lost[0]["idle_share"] < 1

@@ -61,7 +61,7 @@ def test_summary_per_worker_idle_share_and_lost_workers(clock: _Clock) -> None:
     t.dispatched(JOBS[0], "w0")
     t.dispatched(JOBS[1], "w1")
     clock.now += 2
-    t.worker_lost("w1")  # its job goes elsewhere; its 2 s were not work that counted
+    t.worker_lost("w1")  # its job goes elsewhere; its 2 s were work, lost with it
     t.worker_ready("w2", "a")
     t.dispatched(JOBS[1], "w2")
     clock.now += 4
@@ -79,10 +79,23 @@ def test_summary_per_worker_idle_share_and_lost_workers(clock: _Clock) -> None:
     assert workers["w0"]["busy_seconds"] == pytest.approx(7.0)
     assert workers["w0"]["alive_seconds"] == pytest.approx(8.0)
     assert workers["w0"]["idle_share"] == pytest.approx(1 / 8, abs=1e-4)
-    assert workers["w1"] == {**workers["w1"], "jobs": 0, "lost": True, "alive_seconds": 2.0}
+    # Issue 18 item 11: a lost worker's in-flight time was reported as idle (100%).
+    assert workers["w1"] == {
+        **workers["w1"],
+        "jobs": 0,
+        "lost": True,
+        "alive_seconds": 2.0,
+        "busy_seconds": 0.0,
+        "lost_seconds": 2.0,
+        "idle_share": 0.0,
+    }
     assert workers["w2"]["alive_seconds"] == pytest.approx(6.0)
-    # all workers: busy 11 s of 8 + 2 + 6 = 16 s alive
-    assert s["idle_share"] == pytest.approx(1 - 11 / 16, abs=1e-4)
+    # all workers: busy 11 s + 2 s lost of 8 + 2 + 6 = 16 s alive
+    assert s["lost_seconds"] == pytest.approx(2.0)
+    assert s["idle_share"] == pytest.approx(1 - 13 / 16, abs=1e-4)
+    assert worker_summary_lines(s)[1] == (
+        "  w1 on b (lost): 0 layers, busy 0.0 s + 2.0 s on a job lost with it of 2.0 s, idle 0%"
+    )
     assert [x["name"] for x in s["slowest_layers"]] == ["big", "mid", "small"]
     assert s["layer_seconds"] == {"big": 6.0, "mid": 4.0, "small": 1.0}
     assert t.snapshot().eta_seconds == 0.0
