@@ -85,7 +85,11 @@ for entry in $SHIM_NODES; do
 done
 [[ -n $ip ]] || { echo "srun: error: invalid node name $node" >&2; exit 1; }
 if [[ "$*" == "hostname --ip-address" ]]; then
-    echo "$ip"
+    echo "${SHIM_IP_ANSWER:-$ip}"  # SHIM_IP_ANSWER: what a host with 127.0.1.1 in /etc/hosts says
+    exit 0
+fi
+if [[ "$*" == "hostname --all-ip-addresses" ]]; then
+    echo "${SHIM_ALL_IPS-$ip}"
     exit 0
 fi
 if [[ $node == "${SHIM_UNREACHABLE_NODE:-}" && $1 == ray ]]; then
@@ -124,6 +128,7 @@ LAUNCHER_SETTINGS = {
     "STOP_TIMEOUT",
     "RAY_ADDRESS",
     "RAY_DASHBOARD",
+    "ALLOW_LOOPBACK",
 }
 
 
@@ -219,6 +224,7 @@ class FakeSlurm:
             RAY_TEMP_DIR=self.ray_temp,
             CPUS_PER_NODE="1",
             STOP_TIMEOUT="20",
+            ALLOW_LOOPBACK="1",  # the fake nodes are this machine's loopback addresses
             **{MARKER: self.marker},
         )
 
@@ -285,6 +291,31 @@ def test_sbatch_needs_its_settings(slurm: FakeSlurm, tmp_path: Path) -> None:
     assert slurm.run(log, MODEL="minilm-l6", OUT=str(tmp_path / "out")) != 0
     assert "CONFIG: set CONFIG to the quantize config YAML" in log.read_text()
     assert not slurm.shim_log.exists()  # failed before touching the allocation
+
+
+def test_sbatch_fails_fast_on_a_loopback_node_address(slurm: FakeSlurm, tmp_path: Path) -> None:
+    """Issue 18 item 13: a host whose name maps to 127.0.1.1 used to fail after JOIN_TIMEOUT."""
+    log = tmp_path / "job.log"
+    start = time.monotonic()
+    status = slurm.run(
+        log,
+        MODEL="minilm-l6",
+        CONFIG=str(tmp_path / "cfg.yaml"),
+        OUT=str(tmp_path / "out"),
+        ALLOW_LOOPBACK="0",
+        SHIM_IP_ANSWER="127.0.1.1",
+        SHIM_ALL_IPS="",  # no other address (hostname --all-ip-addresses omits loopback)
+    )
+    assert status == 1
+    assert time.monotonic() - start < 10
+    text = log.read_text()
+    assert (
+        "node fake-node1 answers 'hostname --ip-address' with the loopback address 127.0.1.1"
+        in (text)
+    )
+    assert "/etc/hosts" in text
+    assert not any(" ray start " in call for call in slurm.calls())  # no Ray was started
+    slurm.assert_all_stopped()
 
 
 def test_sbatch_quantizes_requeues_and_resumes(
@@ -477,8 +508,12 @@ def test_kuberay_rayjob_manifest() -> None:
         (container,) = pod["containers"]
         assert container["image"]
         assert container["name"]
-        (mount,) = container["volumeMounts"]
-        (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        # Issue 18 item 13: Ray's object store needs more than a container's 64 MB /dev/shm.
+        assert volumes[mounts["/dev/shm"]]["emptyDir"] == {"medium": "Memory"}
+        (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] != "/dev/shm"]
+        volume = volumes[mount["name"]]
         assert volume["persistentVolumeClaim"]["claimName"] == pvc["metadata"]["name"]
         # The model, the config and OUT are on the shared volume, seen by every pod.
         for key in ("MODEL", "CONFIG", "OUT"):
