@@ -299,6 +299,8 @@ def _run_quantize(args: argparse.Namespace) -> int:
             address=args.address,
             gpus_per_worker=args.gpus_per_worker,
             cpus_per_worker=args.cpus_per_worker,
+            min_workers=args.min_workers,
+            min_workers_timeout=args.min_workers_timeout,
         )
     info = describe(args.out)
     console = _stdout_console()
@@ -470,6 +472,21 @@ def _register_quantize(subparsers: Subparsers, parents: list[argparse.ArgumentPa
         default=1,
         metavar="N",
         help="CPUs each CPU Ray worker reserves and uses as threads (default 1)",
+    )
+    p.add_argument(
+        "--min-workers",
+        type=_non_negative_int,
+        default=0,
+        metavar="N",
+        help="with --address: wait until the cluster has slots for N workers before starting "
+        "(nodes that join later get workers too)",
+    )
+    p.add_argument(
+        "--min-workers-timeout",
+        type=float,
+        default=600.0,
+        metavar="SECONDS",
+        help="how long --min-workers waits before failing (default 600)",
     )
     p.add_argument(
         "--calib",

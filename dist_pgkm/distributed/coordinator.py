@@ -208,6 +208,8 @@ def quantize_model(
     cpus_per_worker: int = 1,
     calib_ids: torch.Tensor | None = None,
     calib_checkpoint_every: float = 120.0,
+    min_workers: int = 0,
+    min_workers_timeout: float = 600.0,
 ) -> RunSummary:
     """Quantize the selected layers of ``model`` into one checkpoint in ``out_dir``.
 
@@ -230,6 +232,9 @@ def quantize_model(
             ``metric: hessian``. Their digest is part of the run's fingerprint.
         calib_checkpoint_every: Minimum seconds between two saves of the calibration's hidden
             states (its resume points).
+        min_workers: With ``address``: wait, before anything is written, until the cluster
+            has slots for this many workers (nodes joining later get workers too).
+        min_workers_timeout: Seconds ``min_workers`` waits before the run fails.
 
     Returns:
         What was done, with timings, peak memory, the metric of every layer and what the
@@ -247,12 +252,19 @@ def quantize_model(
             be placed, or a layer's worker died on every attempt.
     """
     start = time.perf_counter()
+    if min_workers > 0 and address is None:
+        raise InvalidInputError(
+            f"min_workers={min_workers} without a cluster: it waits for a cluster's nodes. "
+            "Add --address HOST:PORT, or drop --min-workers."
+        )
     if workers < 0 or gpus_per_worker < 0 or cpus_per_worker < 1:
         raise InvalidInputError(
             f"workers={workers}, gpus_per_worker={gpus_per_worker}, cpus_per_worker="
             f"{cpus_per_worker}: workers and GPUs must be >= 0, CPUs per worker >= 1."
         )
-    executor = _Executor(workers, address, gpus_per_worker, cpus_per_worker)
+    executor = _Executor(
+        workers, address, gpus_per_worker, cpus_per_worker, min_workers, min_workers_timeout
+    )
     if executor.in_process and gpus_per_worker > 0:
         raise InvalidInputError(
             f"gpus_per_worker={gpus_per_worker} without Ray workers: GPUs are given to Ray "
@@ -298,6 +310,8 @@ class _Executor:
     address: str | None
     gpus_per_worker: float
     cpus_per_worker: int
+    min_workers: int = 0
+    min_workers_timeout: float = 600.0
 
     @property
     def in_process(self) -> bool:
@@ -309,6 +323,8 @@ class _Executor:
             address=self.address,
             gpus_per_worker=self.gpus_per_worker,
             cpus_per_worker=self.cpus_per_worker,
+            min_workers=self.min_workers,
+            min_workers_timeout=self.min_workers_timeout,
         )
         return options
 

@@ -82,6 +82,9 @@ class RayOptions:
             ends with "lost the head node".
         placement_timeout: Seconds without any live actor (none placed yet, or all lost and
             no replacement placed) before the run fails: the cluster lacks the resources.
+        min_workers: On a cluster, wait before the run starts until it has slots for this
+            many workers (0: start with what is there).
+        min_workers_timeout: Seconds to wait for ``min_workers`` slots before failing.
     """
 
     workers: int = 0
@@ -91,6 +94,8 @@ class RayOptions:
     max_attempts: int = 3
     connect_timeout: float = 10.0
     placement_timeout: float = 60.0
+    min_workers: int = 0
+    min_workers_timeout: float = 600.0
 
 
 @dataclass(frozen=True)
@@ -421,6 +426,7 @@ def ray_session(options: RayOptions, log_to_driver: bool = False) -> Iterator[in
                         "and the cluster must run the same Ray and Python versions; check "
                         "`ray --version` on the head."
                     ) from err
+            _wait_for_slots(options)
             if log_to_driver:
                 yield _n_workers(options)
             else:
@@ -512,6 +518,43 @@ def _local_gpus(options: RayOptions) -> int | None:
     return None  # let Ray detect this machine's GPUs: never pretend to have some
 
 
+def _slots(options: RayOptions) -> int:
+    """Workers the cluster's nodes have room for now (GPU or CPU slots)."""
+    resources = _resources()
+    if options.gpus_per_worker > 0:
+        return int(resources.get("GPU", 0.0) // options.gpus_per_worker)
+    return int(resources.get("CPU", 0.0) // options.cpus_per_worker)
+
+
+def _wait_for_slots(options: RayOptions) -> None:
+    """Wait until a cluster has slots for ``options.min_workers`` workers.
+
+    Raises:
+        DistributedError: They are not there within ``options.min_workers_timeout``.
+    """
+    if options.address is None or options.min_workers <= 0:
+        return
+    deadline = time.monotonic() + options.min_workers_timeout
+    logged = False
+    while (have := _slots(options)) < options.min_workers:
+        if time.monotonic() >= deadline:
+            raise DistributedError(
+                f"--min-workers {options.min_workers}: the cluster at {options.address} has "
+                f"slots for {have} worker(s) after {options.min_workers_timeout:g} s "
+                f"(resources: {_resources()}). Start more nodes, lower --min-workers, or "
+                "raise --min-workers-timeout."
+            )
+        if not logged:
+            logger.info(
+                "Waiting for slots for %d workers (%d now), at most %g s",
+                options.min_workers,
+                have,
+                options.min_workers_timeout,
+            )
+            logged = True
+        time.sleep(1.0)
+
+
 def _n_workers(options: RayOptions) -> int:
     if options.address is None and options.gpus_per_worker > 0:
         # Nothing will ever join an embedded Ray: too few GPUs now is too few for good.
@@ -524,15 +567,12 @@ def _n_workers(options: RayOptions) -> int:
             )
     if options.workers > 0:
         return options.workers
-    resources = _resources()
-    if options.gpus_per_worker > 0:
-        n = int(resources.get("GPU", 0.0) // options.gpus_per_worker)
-    else:
-        n = int(resources.get("CPU", 0.0) // options.cpus_per_worker)
+    n = _slots(options)
     if n < 1:
         raise DistributedError(
             f"The cluster at {options.address} offers no slot for a worker (resources: "
-            f"{resources}). Add nodes, or pass --workers N to wait for them."
+            f"{_resources()}). Add nodes, or pass --workers N or --min-workers N to wait "
+            "for them."
         )
     logger.info("One worker per slot of the cluster: %d workers", n)
     return n
@@ -574,6 +614,7 @@ class _Scheduler:
     head_checked: float = 0.0
     head_down_since: float | None = None
     cluster_lost: bool = False
+    grown: float = 0.0  # when _grow last looked at the cluster
 
     def run(self, jobs: Sequence[LayerJob], n_workers: int) -> None:
         self.queue.extend(jobs)
@@ -586,6 +627,7 @@ class _Scheduler:
                 self._start_actor()
             while remaining:
                 self._check_head()
+                self._grow()
                 self._dispatch()
                 self._check_placement()
                 # One job in flight per actor bounds the work in flight to the number of actors.
@@ -630,6 +672,23 @@ class _Scheduler:
                 ) from err
             return
         self.head_down_since = None
+
+    def _grow(self) -> None:
+        """Start workers on slots that appeared since the start (nodes that joined late or
+        came back), while queued jobs outnumber the workers free to take them.
+
+        Only for a cluster run without ``--workers``, which means one worker per slot.
+        """
+        now = time.monotonic()
+        if self.options.address is None or self.options.workers > 0 or now - self.grown < 2.0:
+            return
+        self.grown = now
+        free = sum(1 for slot in self.slots.values() if slot.job is None)
+        new = min(_slots(self.options) - len(self.slots), len(self.queue) - free)
+        if new > 0:
+            logger.info("%d new slot(s) in the cluster: starting %d more worker(s)", new, new)
+            for _ in range(new):
+                self._start_actor()
 
     def _lost_cluster(self, what: str) -> DistributedError:
         """The error that ends a run whose cluster is gone (nothing can be cleaned up)."""

@@ -104,7 +104,8 @@ class LoopbackCluster:
             return []
         return [f"--dashboard-agent-listen-port={free_port('127.0.0.1')}"]
 
-    def start(self) -> None:
+    def start(self, worker: bool = True) -> None:
+        """Start the head, and the worker node unless ``worker=False`` (see :meth:`add_worker`)."""
         if self.dashboard_port is None:
             dashboard = ["--include-dashboard=false"]
         else:
@@ -124,6 +125,11 @@ class LoopbackCluster:
         wait_for(lambda: listening(HEAD_IP, self.port), 60, "the head's GCS")
         if self.dashboard_port is not None:
             wait_for(lambda: listening(HEAD_IP, self.dashboard_port or 0), 90, "the dashboard")
+        if worker:
+            self.add_worker()
+
+    def add_worker(self) -> None:
+        """Start the worker node on 127.0.0.3 (it joins the running head)."""
         self.worker = self._start(
             f"--address={self.address}", f"--node-ip-address={WORKER_IP}", *self._agent_port()
         )

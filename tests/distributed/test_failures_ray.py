@@ -22,14 +22,15 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("ray", reason="Ray is not installed: pip install 'dist-pgkm[ray]'")
+ray = pytest.importorskip("ray", reason="Ray is not installed: pip install 'dist-pgkm[ray]'")
 
-from dist_pgkm.config.quantize import QuantizeConfig
-from dist_pgkm.distributed.coordinator import quantize_model
-from dist_pgkm.errors import DistributedError
+from dist_pgkm.config.quantize import QuantizeConfig  # noqa: E402
+from dist_pgkm.distributed.coordinator import quantize_model  # noqa: E402
+from dist_pgkm.distributed.progress import ProgressSnapshot  # noqa: E402
+from dist_pgkm.errors import DistributedError  # noqa: E402
 
-from .cluster import RAY_ENV, LoopbackCluster, stop_tree, wait_for
-from .conftest import CONFIG, N_JOBS, checkpoint_bytes
+from .cluster import RAY_ENV, WORKER_IP, LoopbackCluster, stop_tree, wait_for  # noqa: E402
+from .conftest import CONFIG, N_JOBS, checkpoint_bytes  # noqa: E402
 
 
 @pytest.fixture
@@ -193,3 +194,57 @@ def test_lost_node_is_one_log_line_and_its_work_is_not_idle(
     # It was running a job when its node died: that time is lost work, not idle time.
     assert lost[0]["lost_seconds"] > 0
     assert lost[0]["idle_share"] < 1
+
+
+# --- clusters that change size (item 12) ---------------------------------------------------------
+
+
+@pytest.mark.slow  # measured: 121 s, the session's reference checkpoint (~50 s) included
+def test_min_workers_then_a_node_added_mid_run_takes_jobs(
+    tmp_path: Path, model: Path, config: QuantizeConfig, reference: Path
+) -> None:
+    cluster = LoopbackCluster()
+    cluster.start(worker=False)  # the head alone: one CPU slot
+    try:
+        # Waiting for 2 slots that never come: a bounded, named failure; --out untouched.
+        start = time.monotonic()
+        with pytest.raises(DistributedError, match=r"--min-workers 2: .* slots for 1 worker"):
+            quantize_model(
+                model,
+                config,
+                tmp_path / "never",
+                address=cluster.address,
+                min_workers=2,
+                min_workers_timeout=3,
+            )
+        assert time.monotonic() - start < 20
+        assert not (tmp_path / "never").exists()
+
+        # One worker per slot; the second node joins once the first layer is done. It used to
+        # get no work: the number of workers was fixed by the slots at the start. The progress
+        # callback runs in the driver's loop: holding it keeps jobs queued (a run here lasts
+        # seconds, a node takes seconds to start) until a worker runs on the new node.
+        out = tmp_path / "out"
+        held = {"done": 0, "seconds": 0.0}
+
+        def hold(snap: ProgressSnapshot) -> None:
+            new_layer = snap.done > held["done"]
+            held["done"] = snap.done
+            if snap.done < 1 or any(w.node == WORKER_IP for w in snap.workers):
+                return
+            if cluster.worker is None:
+                cluster.add_worker()
+                wait_for(lambda: ray.cluster_resources().get("CPU", 0) >= 2, 60, "the node")
+            elif new_layer and held["seconds"] < 60:
+                time.sleep(2.0)  # after a layer: let the new worker start before the next
+                held["seconds"] += 2.0
+
+        summary = quantize_model(model, config, out, address=cluster.address, progress=hold)
+    finally:
+        cluster.stop()
+    workers = summary.timing["workers"]
+    late = [w for w in workers if w["node"] == WORKER_IP]
+    assert len(late) == 1
+    assert late[0]["jobs"] >= 1
+    assert sum(w["jobs"] for w in workers) == N_JOBS
+    assert checkpoint_bytes(out) == checkpoint_bytes(reference)
