@@ -156,7 +156,7 @@ def test_lost_head_is_a_typed_error_and_the_same_command_resumes(
     assert checkpoint_bytes(out) == checkpoint_bytes(reference)
 
 
-@pytest.mark.slow  # measured: 34 s
+@pytest.mark.slow  # measured: 34-41 s
 def test_lost_node_is_one_log_line_and_its_work_is_not_idle(
     tmp_path: Path, reference: Path
 ) -> None:
