@@ -36,6 +36,8 @@ Subparsers = Any
 Handler = Callable[[argparse.Namespace], int]
 
 _EXIT_USER_ERROR = 2
+CALIB_CACHE_ENV = "DIST_PGKM_CALIB_CACHE"
+"""Environment variable: the default of ``quantize --calib-cache``."""
 _EXIT_INTERRUPTED = 130
 
 
@@ -292,6 +294,7 @@ def _run_quantize(args: argparse.Namespace) -> int:
             config,
             args.out,
             calib_ids=calib_ids,
+            calib_cache=args.calib_cache or os.environ.get(CALIB_CACHE_ENV) or None,
             resume=args.resume,
             max_shard_bytes=args.max_shard_size,
             progress=update,
@@ -484,6 +487,15 @@ def _register_quantize(subparsers: Subparsers, parents: list[argparse.ArgumentPa
         default=None,
         metavar="N",
         help="calibration windows of calibration.seq_len tokens (default: the config's, 128)",
+    )
+    p.add_argument(
+        "--calib-cache",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="keep the calibration in DIR/<key> (key: model files, windows, samples, seq_len) "
+        "so that later runs on the same model and text reuse it, whatever their block sizes "
+        f"(default: ${CALIB_CACHE_ENV}, else OUT/calib for this run only)",
     )
     p.add_argument("--json", type=Path, metavar="PATH", help="write the run summary as JSON")
     p.set_defaults(handler=_run_quantize)

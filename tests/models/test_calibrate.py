@@ -26,6 +26,7 @@ from dist_pgkm.models.calibrate import (
     BlockResult,
     HessianRequest,
     collect_hessians,
+    diagonal_blocks,
     find_block_list,
     windows_digest,
 )
@@ -95,6 +96,14 @@ def _collect(
     return got, results, summary
 
 
+def _read_out(
+    got: dict[str, torch.Tensor], requests: list[HessianRequest]
+) -> dict[str, torch.Tensor]:
+    """Each request's ``bs x bs`` blocks, read out of the stored ``g x g`` ones."""
+    sizes = {r.name: r.block_size for r in requests}
+    return {name: diagonal_blocks(h, sizes[name]) for name, h in got.items()}
+
+
 def _assert_close(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> None:
     assert set(got) == set(ref)
     for name, expected in ref.items():
@@ -111,9 +120,9 @@ def test_streamed_hessians_equal_whole_model_hooks_on_smollm2(
 ) -> None:
     got, results, summary = _collect(smol2, SMOL_REQUESTS, smol_windows, batch_size=4)
     ref = reference_hessians(load_whole(smol2), SMOL_REQUESTS, smol_windows, batch=4)
-    _assert_close(got, ref)
-    assert got["model.layers.0.self_attn.q_proj"].shape == (72, 8, 8)  # 576 / 8 groups
-    assert got["model.layers.1.mlp.down_proj"].shape == (192, 8, 8)  # 1536 / 8
+    _assert_close(_read_out(got, SMOL_REQUESTS), ref)
+    assert got["model.layers.0.self_attn.q_proj"].shape == (24, 24, 24)  # 576 / 24 groups
+    assert got["model.layers.1.mlp.down_proj"].shape == (64, 24, 24)  # 1536 / 24
     # The tied embedding's H is lm_head's, collected after the blocks from the final states.
     assert summary.inputs_of["model.embed_tokens"] == "lm_head"
     assert summary.block_list == "model.layers"
@@ -148,6 +157,7 @@ def test_minilm_encoder_untied_embedding_and_pooler(tmp_path: Path) -> None:
     assert summary.n_blocks == 6
     assert summary.without_input == ("embeddings.word_embeddings",)
     ref = reference_hessians(load_whole(model), requests[:3], windows, batch=2)
+    got = _read_out(got, requests)
     _assert_close(got, ref)
     assert got["encoder.layer.5.output.dense"].shape == (192, 8, 8)
     # The pooler sees one token per window.
@@ -272,7 +282,7 @@ def test_dead_input_channel_quantizes_without_nan(smol2: Path, smol_windows: tor
     """A channel whose input is always zero makes H singular: damping keeps the metric valid."""
     name = "model.layers.0.self_attn.o_proj"
     got, _, _ = _collect(smol2, [HessianRequest(name, 4)], smol_windows)
-    h = got[name].clone()
+    h = diagonal_blocks(got[name], 4).clone()
     h[3, 1, :] = 0.0  # input feature 13 never non-zero
     h[3, :, 1] = 0.0
     h[10] = 0.0  # and a whole block of four
