@@ -24,10 +24,13 @@ from dist_pgkm.eval.text import calibration_windows, load_text
 from dist_pgkm.models.calibrate import (
     HEAD,
     BlockResult,
+    CalibrationPass,
     HessianRequest,
+    block_result,
     collect_hessians,
     diagonal_blocks,
     find_block_list,
+    merge_stages,
     windows_digest,
 )
 from dist_pgkm.models.layers import build_meta_model
@@ -306,3 +309,24 @@ def test_dead_input_channel_quantizes_without_nan(smol2: Path, smol_windows: tor
     )
     assert q0.metric == "weight"
     assert bool(torch.isfinite(q0.centroids).all())
+
+
+def test_passes_over_chunk_ranges_merge_to_the_same_bytes(
+    smol2: Path, smol_windows: torch.Tensor
+) -> None:
+    """What Ray workers do: passes over consecutive micro-batch ranges, merged in order."""
+    whole, _, _ = _collect(smol2, SMOL_REQUESTS, smol_windows, batch_size=2)  # 3 chunks
+    parts = [smol_windows[:2], smol_windows[2:]]  # chunk 0 | chunks 1 and 2
+    streams = [
+        CalibrationPass(open_source(smol2), SMOL_REQUESTS, w, batch_size=2, keep_hidden=False)
+        for w in parts
+    ]
+    merged: dict[str, torch.Tensor] = {}
+    for stages in zip(*(s.stages() for s in streams), strict=True):
+        assert all(s.hidden is None for s in stages)
+        stage = merge_stages(stages)
+        assert stage.tokens == 6 * 64
+        merged.update(block_result(stage).hessians)
+    assert merged.keys() == whole.keys()
+    for name, h in whole.items():
+        assert h.numpy().tobytes() == merged[name].numpy().tobytes(), name
