@@ -398,8 +398,11 @@ def _calibration_line(calibration: dict[str, Any], metrics: dict[str, str]) -> s
             f"({calibration['tokens_per_second']:,.0f} tokens/s per block), "
             f"peak RSS {_fmt_bytes(calibration['peak_rss_bytes'])}"
         )
+        if calibration.get("worker_peak_rss_bytes"):  # on Ray workers
+            rss = ", ".join(_fmt_bytes(r) for r in calibration["worker_peak_rss_bytes"])
+            what += f" on {calibration['workers']} Ray workers (peak RSS {rss})"
     else:
-        what = f"calibration: reused for {calibration['reused']} layers"
+        what = f"calibration: reused for {calibration['reused']} layers ({calibration['store']})"
     return f"  {what}; {aware} of {len(metrics)} layers quantized activation-aware"
 
 
