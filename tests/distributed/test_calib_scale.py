@@ -153,7 +153,7 @@ def test_a_second_preset_reuses_the_cache_to_the_same_bytes(
     assert len([p for p in cache.iterdir() if p.is_dir()]) == 2
 
 
-@pytest.mark.slow  # ~60-120 s on the loaded 2-core machine: a 2-node cluster, 3 runs
+@pytest.mark.slow  # 182 s on the loaded 2-core machine (load ~13), 69 s of it the fresh runs
 def test_cluster_calibration_is_byte_identical_for_1_and_2_workers(
     tmp_path: Path, windows: torch.Tensor, fresh: dict[int, tuple[Path, RunSummary]]
 ) -> None:
