@@ -10,7 +10,9 @@ same bytes.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -118,9 +120,15 @@ class _Calibration:
     cache: Path | None = None
 
     def store_identity(self, source: ModelSource) -> dict[str, Any]:
-        """What decides the bytes of every ``H`` file: the same for every preset."""
+        """What decides the bytes of every ``H`` file: the same for every preset.
+
+        The model's weight files and its ``config.json`` (the architecture the windows run
+        through: a model cut to fewer blocks shares the weight files but not the tail's ``H``).
+        """
         data = {k: v for k, v in self.identity.items() if k != "layers"}
-        return {**data, "source": source.fingerprint()}
+        config = json.dumps(source.config(), sort_keys=True, separators=(",", ":"))
+        digest = hashlib.sha256(config.encode()).hexdigest()
+        return {**data, "source": source.fingerprint(), "config_sha256": digest}
 
 
 def _calibration_for(
