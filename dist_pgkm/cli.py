@@ -36,6 +36,8 @@ Subparsers = Any
 Handler = Callable[[argparse.Namespace], int]
 
 _EXIT_USER_ERROR = 2
+CALIB_CACHE_ENV = "DIST_PGKM_CALIB_CACHE"
+"""Environment variable: the default of ``quantize --calib-cache``."""
 _EXIT_INTERRUPTED = 130
 
 
@@ -292,6 +294,7 @@ def _run_quantize(args: argparse.Namespace) -> int:
             config,
             args.out,
             calib_ids=calib_ids,
+            calib_cache=args.calib_cache or os.environ.get(CALIB_CACHE_ENV) or None,
             resume=args.resume,
             max_shard_bytes=args.max_shard_size,
             progress=update,
@@ -397,8 +400,11 @@ def _calibration_line(calibration: dict[str, Any], metrics: dict[str, str]) -> s
             f"({calibration['tokens_per_second']:,.0f} tokens/s per block), "
             f"peak RSS {_fmt_bytes(calibration['peak_rss_bytes'])}"
         )
+        if calibration.get("worker_peak_rss_bytes"):  # on Ray workers
+            rss = ", ".join(_fmt_bytes(r) for r in calibration["worker_peak_rss_bytes"])
+            what += f" on {calibration['workers']} Ray workers (peak RSS {rss})"
     else:
-        what = f"calibration: reused for {calibration['reused']} layers"
+        what = f"calibration: reused for {calibration['reused']} layers ({calibration['store']})"
     return f"  {what}; {aware} of {len(metrics)} layers quantized activation-aware"
 
 
@@ -501,6 +507,15 @@ def _register_quantize(subparsers: Subparsers, parents: list[argparse.ArgumentPa
         default=None,
         metavar="N",
         help="calibration windows of calibration.seq_len tokens (default: the config's, 128)",
+    )
+    p.add_argument(
+        "--calib-cache",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="keep the calibration in DIR/<key> (key: model files, windows, samples, seq_len) "
+        "so that later runs on the same model and text reuse it, whatever their block sizes "
+        f"(default: ${CALIB_CACHE_ENV}, else OUT/calib for this run only)",
     )
     p.add_argument("--json", type=Path, metavar="PATH", help="write the run summary as JSON")
     p.set_defaults(handler=_run_quantize)

@@ -1,11 +1,17 @@
-"""``OUT/calib/``: the calibration's ``H`` files and its resume state.
+"""The calibration's ``H`` files and its resume state: ``OUT/calib/`` or a shared cache.
 
 Layout (all written atomically: temp file, fsync, ``os.replace``)::
 
     calib/index.json                 identity of the calibration, finished files and sha256s
-    calib/<layer>.safetensors        one layer's H: "hessian" (width / bs, bs, bs) float32
+    calib/<layer>.safetensors        one layer's H: "hessian" (width / g, g, g) float32, its
+                                     diagonal g x g blocks (g: stored_block_size, 24 for
+                                     SmolLM2); a layer's bs x bs blocks are read out of them
     calib/hidden.safetensors         hidden states entering block b (resume point; removed
                                      when the calibration is complete)
+
+The folder is ``OUT/calib`` by default; with a calibration cache it is
+``CACHE/<cache_key(identity)>`` and serves every run (every preset) on the same model and
+windows: its identity holds no layer list and no block size.
 
 A layer's file is written as soon as its block finishes, then recorded with its sha256 in
 ``index.json``; a missing or modified file is redone. The hidden states are saved at a block
@@ -15,14 +21,16 @@ A resumed calibration starts at the last saved boundary, skipping the blocks who
 all on disk, and writes the same bytes as an uninterrupted one: the forward pass is the same
 computation on the same float32 inputs.
 
-The identity (model files, windows digest, samples, seq_len, block size per layer) is also part
-of the run's fingerprint, so a changed calibration is refused like a changed config; a
-``calib/`` whose identity differs (left by another run) is cleared. Nothing is pickled; a
+The identity (model files, windows digest, samples, seq_len, micro-batch, layout of the stored
+blocks) decides every file's bytes; with the layers and their block sizes it is also part of
+the run's fingerprint, so a changed calibration is refused like a changed config. A folder whose
+identity differs (left by another run) is cleared. Nothing is pickled; a
 file's header names its layer and is checked on read.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -37,11 +45,13 @@ from dist_pgkm.checkpoint.atomic import atomic_write_json
 from dist_pgkm.checkpoint.shard import file_sha256
 from dist_pgkm.checkpoint.writer import Entry, write_safetensors
 from dist_pgkm.errors import CheckpointError
+from dist_pgkm.models.calibrate import diagonal_blocks
 
 __all__ = [
     "CALIB_DIR",
     "CalibStore",
     "HessianFile",
+    "cache_key",
     "read_hessian",
     "write_hessian",
 ]
@@ -58,10 +68,20 @@ _HIDDEN_KEY = "hidden"
 
 @dataclass(frozen=True)
 class HessianFile:
-    """Where a layer's ``H`` is and the sha256 it was written with (what a worker reads)."""
+    """Where a layer's ``H`` is and the sha256 it was written with (what a worker reads).
+
+    ``block_size`` is the stored ``g`` (0 when unknown): a layer's block size must divide it.
+    """
 
     path: str
     sha256: str
+    block_size: int = 0
+
+
+def cache_key(identity: dict[str, Any]) -> str:
+    """The folder name of a calibration in a cache: sha256 of its identity (canonical JSON)."""
+    text = json.dumps(identity, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
 def write_hessian(path: Path, name: str, hessian: torch.Tensor, inputs_of: str) -> str:
@@ -89,18 +109,27 @@ def write_hessian(path: Path, name: str, hessian: torch.Tensor, inputs_of: str) 
 
 
 def read_hessian(
-    path: str | Path, sha256: str | None = None, name: str | None = None
+    path: str | Path,
+    sha256: str | None = None,
+    name: str | None = None,
+    block_size: int | None = None,
 ) -> torch.Tensor:
-    """Read and check one layer's ``H`` (``(width / bs, bs, bs)`` float32).
+    """Read and check one layer's ``H``.
 
     Args:
         path: The file.
         sha256: Its expected sha256 (checked when given).
         name: The layer it must belong to (checked when given).
+        block_size: The layer's block size ``bs``: its ``bs x bs`` diagonal blocks are read
+            out of the stored ``g x g`` ones. None: the stored blocks as they are.
+
+    Returns:
+        ``(width / bs, bs, bs)`` float32 (``(width / g, g, g)`` without ``block_size``).
 
     Raises:
         CheckpointError: Missing or unreadable file, checksum mismatch, another layer's file,
-            or a tensor that is not ``(groups, bs, bs)`` float32.
+            a tensor that is not ``(groups, g, g)`` float32, or ``block_size`` not dividing
+            ``g``.
     """
     from safetensors import SafetensorError, safe_open
 
@@ -136,25 +165,32 @@ def read_hessian(
             f"{path}: {'; '.join(problems)}: not this run's calibration file. Delete the "
             "run's calib/ folder and run again."
         )
-    return tensor
+    if block_size is not None and tensor.shape[-1] % block_size:
+        raise CheckpointError(
+            f"{path}: H is stored in {tensor.shape[-1]} x {tensor.shape[-1]} blocks, which a "
+            f"block size of {block_size} does not divide. Run again: the calibration of that "
+            "layer is redone at a size that serves it."
+        )
+    return tensor if block_size is None else diagonal_blocks(tensor, block_size)
 
 
 class CalibStore:
-    """The ``calib/`` folder of one run: ``H`` files, their sha256s, the resume point.
+    """A calibration folder: ``H`` files, their sha256s, the resume point.
 
-    Use :meth:`open`; the coordinator (the only writer) calls :meth:`add` after each stage of
-    the calibration and :meth:`complete` at its end.
+    Use :meth:`open` (``OUT/calib``) or :meth:`at` (a cache folder); the coordinator (the only
+    writer) calls :meth:`add` after each stage of the calibration and :meth:`complete` at its
+    end.
     """
 
     def __init__(
         self,
-        out_dir: Path,
+        directory: Path,
         identity: dict[str, Any],
         data: dict[str, Any],
         checkpoint_every: float,
         clock: Callable[[], float],
     ) -> None:
-        self.dir = Path(out_dir) / CALIB_DIR
+        self.dir = Path(directory)
         self.identity = identity
         self._data = data
         self._every = checkpoint_every
@@ -180,7 +216,28 @@ class CalibStore:
         Returns:
             The store; files recorded under another identity are deleted first.
         """
-        directory = Path(out_dir) / CALIB_DIR
+        return cls.at(Path(out_dir) / CALIB_DIR, identity, checkpoint_every, clock)
+
+    @classmethod
+    def at(
+        cls,
+        directory: Path,
+        identity: dict[str, Any],
+        checkpoint_every: float = 120.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> CalibStore:
+        """Open (or start) the calibration folder ``directory`` itself (a cache entry).
+
+        Args:
+            directory: The folder (``CACHE/<cache_key(identity)>`` for a cache).
+            identity: What decides the calibration's bytes (JSON-ready).
+            checkpoint_every: Minimum seconds between two saves of the hidden states.
+            clock: Monotonic seconds (tests pass their own).
+
+        Returns:
+            The store; files recorded under another identity are deleted first.
+        """
+        directory = Path(directory)
         index = directory / _INDEX
         data: dict[str, Any] | None = None
         if index.is_file():
@@ -195,7 +252,7 @@ class CalibStore:
         if data is None:
             data = {"identity": identity, "hessians": {}, "without_input": [], "hidden": None}
             data["complete"] = False
-        store = cls(Path(out_dir), identity, data, checkpoint_every, clock)
+        store = cls(directory, identity, data, checkpoint_every, clock)
         store.verify()
         return store
 
@@ -230,9 +287,13 @@ class CalibStore:
 
     @property
     def hessians(self) -> dict[str, HessianFile]:
-        """Finished layers: name -> file (absolute path) and sha256."""
+        """Finished layers: name -> file (absolute path), sha256 and stored block size."""
         return {
-            name: HessianFile(str((self.dir / record["file"]).absolute()), record["sha256"])
+            name: HessianFile(
+                str((self.dir / record["file"]).absolute()),
+                record["sha256"],
+                int(record.get("block_size", 0)),
+            )
             for name, record in self._data["hessians"].items()
         }
 
@@ -241,10 +302,10 @@ class CalibStore:
         """Layers the calibration found no Linear input for (weight metric)."""
         return frozenset(self._data["without_input"])
 
-    def read(self, name: str) -> torch.Tensor:
-        """One finished layer's ``H``, checked against its sha256."""
+    def read(self, name: str, block_size: int | None = None) -> torch.Tensor:
+        """One finished layer's ``H``, checked against its sha256 (see :func:`read_hessian`)."""
         record = self.hessians[name]
-        return read_hessian(record.path, record.sha256, name)
+        return read_hessian(record.path, record.sha256, name, block_size)
 
     def hidden(self) -> tuple[int, torch.Tensor] | None:
         """The saved hidden states and the block they enter, or None."""
@@ -281,7 +342,8 @@ class CalibStore:
         for name, hessian in hessians.items():
             rel = f"{name}.safetensors"
             digest = write_hessian(self.dir / rel, name, hessian, inputs_of.get(name, name))
-            self._data["hessians"][name] = {"file": rel, "sha256": digest}
+            g = int(hessian.shape[-1])
+            self._data["hessians"][name] = {"file": rel, "sha256": digest, "block_size": g}
         saved = False
         due = self._clock() - self._last_hidden >= self._every
         if hidden is not None and next_block is not None and next_block > 0 and due:

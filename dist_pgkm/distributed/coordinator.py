@@ -11,7 +11,9 @@ same bytes.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.metadata
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -23,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from dist_pgkm.checkpoint.atomic import exclusive_run, remove_stale_temp_files
-from dist_pgkm.checkpoint.calib import CalibStore, HessianFile, read_hessian
+from dist_pgkm.checkpoint.calib import CalibStore, HessianFile, cache_key, read_hessian
 from dist_pgkm.checkpoint.manifest import LayerRecord, Manifest
 from dist_pgkm.checkpoint.merge import QuantizedLayer, merge_checkpoint
 from dist_pgkm.checkpoint.shard import file_sha256, write_shard
@@ -35,7 +37,11 @@ from dist_pgkm.errors import CheckpointError, ConfigError, DistributedError, Inv
 from dist_pgkm.models.calibrate import (
     HEAD,
     BlockResult,
+    CalibrationPass,
+    CalibrationSummary,
     HessianRequest,
+    StagePartials,
+    block_result,
     collect_hessians,
     windows_digest,
 )
@@ -101,16 +107,36 @@ def calibration_batch(seq_len: int) -> int:
     return max(1, 4096 // seq_len)
 
 
+CALIB_LAYOUT = "diagonal-blocks-lcm-2-3-4-8"
+"""How ``H`` is stored (:func:`~dist_pgkm.models.calibrate.stored_block_size`): in identities."""
+
+
 @dataclass(frozen=True)
 class _Calibration:
-    """The calibration a run needs: its windows and its identity (fingerprinted)."""
+    """The calibration a run needs: its windows, its identity (fingerprinted with the run's
+    layers and block sizes) and the identity of its stored files (without them)."""
 
     windows: torch.Tensor
     identity: dict[str, Any]
+    cache: Path | None = None
+
+    def store_identity(self, source: ModelSource) -> dict[str, Any]:
+        """What decides the bytes of every ``H`` file: the same for every preset.
+
+        The model's weight files and its ``config.json`` (the architecture the windows run
+        through: a model cut to fewer blocks shares the weight files but not the tail's ``H``).
+        """
+        data = {k: v for k, v in self.identity.items() if k != "layers"}
+        config = json.dumps(source.config(), sort_keys=True, separators=(",", ":"))
+        digest = hashlib.sha256(config.encode()).hexdigest()
+        return {**data, "source": source.fingerprint(), "config_sha256": digest}
 
 
 def _calibration_for(
-    config: QuantizeConfig, plan: Plan, calib_ids: torch.Tensor | None
+    config: QuantizeConfig,
+    plan: Plan,
+    calib_ids: torch.Tensor | None,
+    cache: Path | None = None,
 ) -> _Calibration | None:
     """Check the calibration windows against the config; None when no job needs ``H``."""
     jobs = tuple(job for job in plan.jobs if job.options.needs_hessian)
@@ -144,9 +170,10 @@ def _calibration_for(
         "samples": cal.samples,
         "seq_len": cal.seq_len,
         "batch": calibration_batch(cal.seq_len),
+        "layout": CALIB_LAYOUT,
         "layers": sorted([job.name, job.block_size] for job in jobs),
     }
-    return _Calibration(calib_ids.to(torch.int64), identity)
+    return _Calibration(calib_ids.to(torch.int64), identity, cache)
 
 
 def shard_path(name: str) -> str:
@@ -210,6 +237,7 @@ def quantize_model(
     calib_checkpoint_every: float = 120.0,
     min_workers: int = 0,
     min_workers_timeout: float = 600.0,
+    calib_cache: str | Path | None = None,
 ) -> RunSummary:
     """Quantize the selected layers of ``model`` into one checkpoint in ``out_dir``.
 
@@ -235,6 +263,10 @@ def quantize_model(
         min_workers: With ``address``: wait, before anything is written, until the cluster
             has slots for this many workers (nodes joining later get workers too).
         min_workers_timeout: Seconds ``min_workers`` waits before the run fails.
+        calib_cache: A folder shared by runs: the calibration lives in
+            ``calib_cache/<key>`` (key: digest of the model files, windows, samples, seq_len),
+            where every later run on the same model and windows, whatever its block sizes,
+            finds it. None: in ``out_dir/calib``.
 
     Returns:
         What was done, with timings, peak memory, the metric of every layer and what the
@@ -275,7 +307,8 @@ def quantize_model(
     out = Path(out_dir)
     source = open_source(model)
     plan = plan_run(find_layers(source), config)
-    calibration = _calibration_for(config, plan, calib_ids)
+    cache = None if calib_cache is None else Path(calib_cache).expanduser().absolute()
+    calibration = _calibration_for(config, plan, calib_ids, cache)
     if calib_checkpoint_every < 0:
         raise InvalidInputError(f"calib_checkpoint_every={calib_checkpoint_every}: use >= 0.")
     if out.exists() and not out.is_dir():
@@ -379,10 +412,20 @@ def _run(
     hessians: dict[str, HessianFile] = {}
     calib_info: dict[str, Any] | None = None
     if calibration is not None:
-        store = CalibStore.open(
-            out, {**calibration.identity, "source": source.fingerprint()}, calib_checkpoint_every
-        )
-        hessians, calib_info = _calibrate(source, calibration, todo, store, tracker)
+        store_identity = calibration.store_identity(source)
+        if calibration.cache is None:
+            store = CalibStore.open(out, store_identity, calib_checkpoint_every)
+            hessians, calib_info = _calibrate(
+                model, source, calibration, todo, store, tracker, session
+            )
+        else:
+            folder = calibration.cache / cache_key(store_identity)
+            with exclusive_run(folder):  # one writer per cache entry
+                store = CalibStore.at(folder, store_identity, calib_checkpoint_every)
+                hessians, calib_info = _calibrate(
+                    model, source, calibration, todo, store, tracker, session
+                )
+        calib_info["store"] = str(store.dir)
         tracker.stage("quantizing")
 
     if session is None:
@@ -391,8 +434,8 @@ def _run(
             tracker.dispatched(job, "local")
             weight = source.read(job.tensor)
             hessian = None
-            if job.name in hessians:
-                hessian = read_hessian(hessians[job.name].path, hessians[job.name].sha256, job.name)
+            if (file := hessians.get(job.name)) is not None:
+                hessian = read_hessian(file.path, file.sha256, job.name, job.block_size)
             result = run_job(job, weight, config, hessian)
             del weight, hessian
             record(job, result)
@@ -463,13 +506,19 @@ def _changed_sources(manifest: Manifest, source: ModelSource, plan: Plan) -> lis
 
 
 def _calibrate(
+    model: Path,
     source: ModelSource,
     calibration: _Calibration,
     todo: list[LayerJob],
     store: CalibStore,
     tracker: RunTracker,
+    session: RaySession | None,
 ) -> tuple[dict[str, HessianFile], dict[str, Any]]:
     """Collect ``H`` for the unfinished layers that need it (resuming), file by file.
+
+    In this process (resuming from saved hidden states), or on the run's Ray workers, each
+    running a consecutive range of the windows (no hidden states are saved then: a rerun
+    collects the missing layers' ``H`` from block 0).
 
     Returns:
         Layer -> its ``H`` file, for the layers to quantize that have one; and what the
@@ -477,9 +526,12 @@ def _calibrate(
     """
     wanted = [job for job in todo if job.options.needs_hessian]
     have = store.hessians
-    missing = [
-        job for job in wanted if job.name not in have and job.name not in store.without_input
-    ]
+
+    def served(job: LayerJob) -> bool:  # a file whose blocks hold the job's blocks
+        file = have.get(job.name)
+        return file is not None and file.block_size > 0 and file.block_size % job.block_size == 0
+
+    missing = [job for job in wanted if not served(job) and job.name not in store.without_input]
     info: dict[str, Any] = {
         "layers": len(wanted),
         "reused": len(wanted) - len(missing),
@@ -491,6 +543,7 @@ def _calibrate(
         "hidden_saves": 0,
         "tokens_per_second": None,
         "peak_rss_bytes": None,
+        "workers": 0,
     }
     if missing:
         t0 = time.perf_counter()
@@ -516,14 +569,17 @@ def _calibrate(
                     )
                 )
 
-        summary = collect_hessians(
-            source,
-            requests,
-            calibration.windows,
-            on_block,
-            resume=resume,
-            batch_size=calibration_batch(int(calibration.windows.shape[1])),
-        )
+        batch = calibration_batch(int(calibration.windows.shape[1]))
+        if session is None:
+            summary = collect_hessians(
+                source, requests, calibration.windows, on_block, resume=resume, batch_size=batch
+            )
+        else:
+            summary = _collect_on_ray(
+                model, source, requests, calibration.windows, batch, session, on_block
+            )
+        info["workers"] = summary.workers
+        info["worker_peak_rss_bytes"] = list(summary.worker_peak_rss_bytes)
         del resume
         store.complete(summary.without_input)
         seconds = time.perf_counter() - t0
@@ -549,6 +605,34 @@ def _calibrate(
     info["without_input"] = without
     have = store.hessians
     return {job.name: have[job.name] for job in wanted if job.name in have}, info
+
+
+def _collect_on_ray(
+    model: Path,
+    source: ModelSource,
+    requests: list[HessianRequest],
+    windows: torch.Tensor,
+    batch: int,
+    session: RaySession,
+    on_block: Callable[[BlockResult], None],
+) -> CalibrationSummary:
+    """:func:`collect_hessians` with the windows spread over Ray workers (same ``H`` bytes)."""
+    start = time.perf_counter()
+    summary = CalibrationPass(source, requests, windows, batch_size=batch).summary  # meta only
+    if not summary.inputs_of:
+        return summary
+
+    def on_stage(stage: StagePartials) -> None:
+        if 0 <= stage.block < stage.n_blocks:
+            summary.blocks_run += 1
+        on_block(block_result(stage))
+
+    path = str(model.expanduser().absolute())
+    rss = session.calibrate(path, requests, windows, batch, on_stage)
+    summary.workers = len(rss)
+    summary.worker_peak_rss_bytes = tuple(rss)
+    summary.seconds = time.perf_counter() - start
+    return summary
 
 
 def _merged_intact(out: Path, files: dict[str, str]) -> bool:

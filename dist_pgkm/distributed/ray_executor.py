@@ -41,13 +41,21 @@ from dist_pgkm.distributed.plan import LayerJob
 from dist_pgkm.distributed.progress import RunTracker
 from dist_pgkm.distributed.worker import JobResult, run_job
 from dist_pgkm.errors import DistPGKMError, DistributedError
+from dist_pgkm.models.calibrate import (
+    CalibrationPass,
+    HessianRequest,
+    StagePartials,
+    merge_stages,
+)
 from dist_pgkm.models.source import ModelSource, open_source
+from dist_pgkm.utils.memory import peak_rss_bytes
 from dist_pgkm.utils.optional import set_threads
 
 __all__ = [
     "RayOptions",
     "RaySession",
     "WorkerInfo",
+    "calibrate_on_ray",
     "connect",
     "preflight",
     "resolve_address",
@@ -152,7 +160,9 @@ class _LayerWorker:
             self._source = open_source(self._model)
         weight = self._source.read(job.tensor)
         # The calibration's H is read by path too (--out on the shared file system).
-        h = None if hessian is None else read_hessian(hessian.path, hessian.sha256, job.name)
+        h = None
+        if hessian is not None:
+            h = read_hessian(hessian.path, hessian.sha256, job.name, job.block_size)
         return run_job(job, weight, self._config, h)
 
 
@@ -220,6 +230,51 @@ class RaySession:
             model, config, self.options, on_result, tracker, dict(hessians or {})
         )
         scheduler.run(jobs, self.n_workers)
+
+    def calibrate(
+        self,
+        model: str,
+        requests: Sequence[HessianRequest],
+        windows: torch.Tensor,
+        batch_size: int,
+        on_stage: Callable[[StagePartials], None],
+    ) -> list[int]:
+        """A calibration pass on this session's workers (see :func:`calibrate_on_ray`)."""
+        options, n_workers = self.options, self.n_workers
+        n = int(windows.shape[0])
+        chunks = -(-n // batch_size)
+        n_workers = max(1, min(n_workers, chunks))
+        gpu = options.gpus_per_worker > 0
+        actor_class: Any = ray.remote(_CalibWorker).options(
+            num_cpus=0 if gpu else options.cpus_per_worker,
+            num_gpus=options.gpus_per_worker,
+            max_restarts=0,
+            max_task_retries=0,
+        )
+        actors = []
+        for i in range(n_workers):
+            lo, hi = i * chunks // n_workers, (i + 1) * chunks // n_workers
+            part = windows[lo * batch_size : min(hi * batch_size, n)].clone()
+            actors.append(
+                actor_class.remote(model, list(requests), part, batch_size, options.cpus_per_worker)
+            )
+        try:
+            for ready in _calib_get([a.ready.remote() for a in actors]):
+                _check_worker({**ready, "model_error": None}, model, ready["node_ip"])
+            logger.info("Calibrating on %d Ray workers (%d chunks)", n_workers, chunks)
+            while True:
+                stages = _calib_get([a.next_stage.remote() for a in actors])
+                if all(s is None for s in stages):
+                    return [int(r) for r in _calib_get([a.peak_rss.remote() for a in actors])]
+                if any(s is None for s in stages):
+                    raise DistributedError(
+                        "Calibration workers finished at different stages; they must run the "
+                        "same model and layers. Check that every node sees the same model files."
+                    )
+                on_stage(merge_stages(stages))
+        finally:
+            for actor in actors:
+                ray.kill(actor)
 
 
 @contextlib.contextmanager
@@ -851,3 +906,94 @@ def _check_worker(ready: dict[str, Any], model: str, node: str) -> None:
             f"{ready['model_error']} Workers open the model by path: put it on a file system "
             "every node mounts at the same path (or copy it to that path on every node)."
         )
+
+
+# --- calibration -------------------------------------------------------------------------------
+
+
+class _CalibWorker:
+    """The calibration actor: one pass over a range of whole micro-batches, stage by stage.
+
+    It keeps its windows' hidden states between stages; the driver asks for one stage at a
+    time, so every worker is at the same block and the driver holds one block's products.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        requests: list[HessianRequest],
+        windows: torch.Tensor,
+        batch_size: int,
+        threads: int,
+    ) -> None:
+        set_threads(threads)
+        self._pass = CalibrationPass(
+            open_source(model), requests, windows, batch_size=batch_size, keep_hidden=False
+        )
+        self._stages = self._pass.stages()
+
+    def ready(self) -> dict[str, Any]:
+        return {
+            "pid": os.getpid(),
+            "node_ip": ray.util.get_node_ip_address(),  # type: ignore[no-untyped-call]
+            "versions": versions(),
+            "threads": torch.get_num_threads(),
+        }
+
+    def next_stage(self) -> StagePartials | None:
+        return next(self._stages, None)
+
+    def peak_rss(self) -> int:
+        return peak_rss_bytes()
+
+
+def calibrate_on_ray(
+    model: str,
+    requests: Sequence[HessianRequest],
+    windows: torch.Tensor,
+    batch_size: int,
+    options: RayOptions,
+    on_stage: Callable[[StagePartials], None],
+) -> list[int]:
+    """Run a calibration pass over the windows on Ray workers, in consecutive chunk ranges.
+
+    A chunk is one micro-batch of ``batch_size`` windows; worker ``i`` of ``n`` runs chunks
+    ``[i c / n, (i + 1) c / n)`` of the ``c`` chunks. Every chunk's products are computed as
+    in a single pass (the same micro-batch, ``cpus_per_worker`` threads) and merged in chunk
+    order (:func:`~dist_pgkm.models.calibrate.merge_stages`), so the ``H`` the caller folds
+    from them is the same for any number of workers.
+
+    Args:
+        model: Path of the model as every worker can read it.
+        requests: The layers that need ``H``.
+        windows: ``(samples, seq_len)`` token ids.
+        batch_size: Windows per micro-batch (the chunk).
+        options: Embedded or cluster, number of workers, CPUs per worker.
+        on_stage: Called in this process with each merged stage, in order.
+
+    Returns:
+        The peak RSS of each worker used (at most one per chunk), in bytes.
+
+    Raises:
+        DistributedError: The cluster cannot be reached; a worker runs other versions than
+            this process; a worker died (run the same command again: finished layers' ``H``
+            files are kept).
+        DistPGKMError: A worker raised one of dist-pgkm's errors (re-raised as is).
+    """
+    with connect(options) as session:
+        return session.calibrate(model, requests, windows, batch_size, on_stage)
+
+
+def _calib_get(refs: list[Any]) -> list[Any]:
+    """Every result of ``refs``, in order; a lost worker fails the calibration."""
+    try:
+        return list(ray.get(refs))
+    except ray.exceptions.RayTaskError as err:
+        cause = err.cause if isinstance(err.cause, BaseException) else err
+        raise cause from None
+    except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError) as err:
+        raise DistributedError(
+            f"A calibration worker died ({type(err).__name__}: {err}). Run the same command "
+            "again: the H files of finished blocks are kept and only the missing layers are "
+            "calibrated again."
+        ) from err

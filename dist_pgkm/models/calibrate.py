@@ -2,9 +2,12 @@
 
 Activation-aware quantization (``metric: hessian``) weighs a sub-vector's error by the inputs
 the layer sees. :func:`collect_hessians` runs calibration token windows through the model once
-and keeps, per requested layer, only the ``bs x bs`` diagonal blocks of ``H`` that the layer's
-block size needs: ``(width / bs, bs, bs)`` float32 (18 KB for a SmolLM2 projection at bs 8,
-0.9 MB for a 70B ``down_proj``; the full ``H`` would be up to 3.3 GB).
+and keeps, per requested layer, only diagonal blocks of ``H``: ``(width / g, g, g)`` float32
+with ``g`` the least common multiple of the preset block sizes (2, 3, 4, 8) dividing the width
+(:func:`stored_block_size`: 24 for SmolLM2, 55 KB a projection; 2.8 MB for a 70B
+``down_proj`` at 24; the full ``H`` would be up to 3.3 GB). Every block size dividing ``g`` reads
+its ``bs x bs`` blocks out of them (:func:`diagonal_blocks`), so one calibration serves every
+preset.
 
 The model is never in memory as a whole (the GPTQ / VPTQ pattern):
 
@@ -42,6 +45,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -56,11 +60,19 @@ from dist_pgkm.models.source import ModelSource
 
 __all__ = [
     "HEAD",
+    "PRESET_BLOCK_SIZES",
     "BlockResult",
+    "CalibrationPass",
     "CalibrationSummary",
     "HessianRequest",
+    "StagePartials",
+    "block_result",
     "collect_hessians",
+    "diagonal_blocks",
     "find_block_list",
+    "fold_partials",
+    "merge_stages",
+    "stored_block_size",
     "windows_digest",
 ]
 
@@ -69,6 +81,57 @@ logger = logging.getLogger(__name__)
 HEAD = -1
 """:attr:`BlockResult.block` of the layers before the block list (embedding projections)."""
 
+PRESET_BLOCK_SIZES = (2, 3, 4, 8)
+"""Block sizes every stored ``H`` can serve when they divide the layer's width (the presets')."""
+
+
+def stored_block_size(width: int, block_size: int) -> int:
+    """The size of the diagonal blocks of ``H`` collected for a layer: ``g``.
+
+    ``g`` is the least common multiple of the preset block sizes that divide ``width`` (24
+    when 24 divides it, 8 for a width of 2048) and of ``block_size``. Every ``bs x bs``
+    diagonal block with ``bs | g`` lies inside one ``g x g`` diagonal block, so one
+    calibration serves every preset (:func:`diagonal_blocks`). It depends on the width and on
+    ``block_size`` only when that is not a preset size dividing the width.
+
+    Args:
+        width: The layer's input width.
+        block_size: The block size asked for; must divide ``width``.
+
+    Returns:
+        ``g``, a multiple of ``block_size`` dividing ``width``.
+    """
+    base = math.lcm(*(b for b in PRESET_BLOCK_SIZES if width % b == 0), 1)
+    return math.lcm(base, block_size)  # both divide width, so their lcm does too
+
+
+def diagonal_blocks(hessian: torch.Tensor, block_size: int) -> torch.Tensor:
+    """The ``bs x bs`` diagonal blocks of ``H`` read out of its ``g x g`` diagonal blocks.
+
+    Args:
+        hessian: ``(width / g, g, g)``.
+        block_size: ``bs``, a divisor of ``g``.
+
+    Returns:
+        ``(width / bs, bs, bs)``, contiguous; ``hessian`` itself when ``bs == g``.
+
+    Raises:
+        InvalidInputError: ``bs`` does not divide ``g``.
+    """
+    groups, g = int(hessian.shape[0]), int(hessian.shape[-1])
+    if block_size < 1 or g % block_size:
+        raise InvalidInputError(
+            f"H is stored in diagonal blocks of {g}; a block size of {block_size} does not "
+            f"divide it, so its blocks cannot be read from them. Calibrate again for this "
+            "block size (a fresh calibration directory)."
+        )
+    if block_size == g:
+        return hessian
+    r = g // block_size
+    blocks = hessian.reshape(groups, r, block_size, r, block_size)
+    diag = blocks.diagonal(dim1=1, dim2=3)  # (G, bs, bs, r)
+    return diag.permute(0, 3, 1, 2).reshape(groups * r, block_size, block_size).contiguous()
+
 
 @dataclass(frozen=True)
 class HessianRequest:
@@ -76,7 +139,8 @@ class HessianRequest:
 
     Attributes:
         name: The layer's module name (the job's name).
-        block_size: Its block size: ``H`` is kept as ``(width / block_size, bs, bs)`` blocks.
+        block_size: Its block size: ``H`` is kept in diagonal blocks of
+            :func:`stored_block_size` ``(width, block_size)``, a multiple of it.
         tied: Modules sharing its weight (``("lm_head",)`` for a tied input embedding); the
             first Linear among ``name`` and these gives the inputs.
     """
@@ -94,8 +158,8 @@ class BlockResult:
         block: Index in the block list; :data:`HEAD` for the layers before it, ``n_blocks``
             for the layers after it.
         n_blocks: Length of the block list.
-        hessians: Request name -> ``(width / bs, bs, bs)`` float32 ``H`` of the requests that
-            this stage finished.
+        hessians: Request name -> ``(width / g, g, g)`` float32 ``H`` of the requests that
+            this stage finished (``g``: :func:`stored_block_size`).
         inputs_of: Request name -> the Linear whose inputs gave its ``H``.
         hidden: The hidden states entering block ``block + 1``, ``(samples, seq_len, dim)``
             float32 (None after the tail). The buffer is reused by the next stage: copy or
@@ -131,6 +195,8 @@ class CalibrationSummary:
         seconds: Wall time, model building included.
         inputs_of: Request name -> the Linear whose inputs gave its ``H``.
         without_input: Requests with no Linear input (an untied Embedding, a Conv2d): no ``H``.
+        workers: Processes the windows were spread over (1: this one).
+        worker_peak_rss_bytes: Peak RSS of each of them when they were Ray workers.
     """
 
     block_list: str
@@ -141,6 +207,8 @@ class CalibrationSummary:
     seconds: float
     inputs_of: dict[str, str] = field(default_factory=dict)
     without_input: tuple[str, ...] = ()
+    workers: int = 1
+    worker_peak_rss_bytes: tuple[int, ...] = ()
 
 
 OnBlock = Callable[[BlockResult], None]
@@ -182,35 +250,56 @@ def find_block_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
 
 @dataclass
 class _Target:
-    """A requested layer, the Linear whose inputs it takes, and its running ``X^T X``."""
+    """A requested layer, the Linear whose inputs it takes, and its ``X^T X`` products."""
 
     job: str
     linear: str
-    block_size: int
+    block_size: int  # g, the stored block size (stored_block_size), not the layer's
     block: int | None  # index in the block list; None: before or after it
     groups: int
-    hessian: torch.Tensor  # (groups, bs, bs) float64
+    parts: list[torch.Tensor] = field(default_factory=list)  # (groups, g, g) float32 each
     tokens: int = 0
     calls: int = 0
 
     def add(self, x: torch.Tensor) -> None:
-        t = x.detach().reshape(-1, self.groups, self.block_size)  # (tokens, G, bs)
-        g = t.transpose(0, 1).to(torch.float32)  # (G, tokens, bs)
-        # One float32 product per micro-batch, summed over micro-batches in float64.
-        self.hessian += torch.bmm(g.transpose(1, 2), g).to(torch.float64)  # (G, bs, bs)
+        t = x.detach().reshape(-1, self.groups, self.block_size)  # (tokens, G, g)
+        g = t.transpose(0, 1).to(torch.float32)  # (G, tokens, g)
+        # One float32 product per micro-batch; fold_partials sums them in float64, in order.
+        self.parts.append(torch.bmm(g.transpose(1, 2), g).cpu())  # (G, g, g)
         self.tokens += int(t.shape[0])
         self.calls += 1
 
-    def result(self, where: str) -> torch.Tensor:
-        """``H`` as float32, after checking that it is finite."""
-        if not bool(torch.isfinite(self.hessian).all()):
-            raise InvalidInputError(
-                f"{self.job}: the input second moment X^T X of {self.linear}, collected on the "
-                f"calibration text, holds NaN or infinity: its inputs overflowed ({where}). "
-                "Check the model's weights for NaN or infinity, use shorter windows "
-                "(calibration.seq_len), or quantize this layer with `metric: weight`."
-            )
-        return self.hessian.to(torch.float32).cpu().contiguous()
+    def take(self) -> list[torch.Tensor]:
+        parts, self.parts = self.parts, []
+        return parts
+
+
+def fold_partials(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``H`` from its per-micro-batch float32 products: summed in float64, in the given order.
+
+    The one reduction of every path (in this process, or chunks gathered from Ray workers in
+    chunk order), so the sum, hence the stored bytes, do not depend on where a chunk ran.
+
+    Returns:
+        ``(G, g, g)`` float64.
+    """
+    assert parts, "no product to fold"
+    total = torch.zeros(parts[0].shape, dtype=torch.float64)
+    for part in parts:
+        total += part.to(torch.float64)
+    return total
+
+
+def _checked(job: str, linear: str, hessian: torch.Tensor, where: str) -> torch.Tensor:
+    """``H`` as float32, after checking that it is finite."""
+    if not bool(torch.isfinite(hessian).all()):
+        raise InvalidInputError(
+            f"{job}: the input second moment X^T X of {linear}, collected on the "
+            f"calibration text, holds NaN or infinity: its inputs overflowed ({where}). "
+            "Check the model's weights for NaN or infinity, use shorter windows "
+            "(calibration.seq_len), or quantize this layer with `metric: weight`."
+        )
+    return hessian.to(torch.float32).cpu().contiguous()
 
 
 class _StopForwardError(Exception):
@@ -364,7 +453,6 @@ def _resolve(
     requests: Sequence[HessianRequest],
     blocks_name: str,
     n_blocks: int,
-    device: torch.device,
 ) -> tuple[list[_Target], list[str]]:
     """Each request's Linear and position; the requests that have no Linear input."""
     targets: list[_Target] = []
@@ -395,10 +483,8 @@ def _resolve(
             index = name[len(prefix) :].split(".", 1)[0]
             if index.isdigit() and int(index) < n_blocks:
                 block = int(index)
-        groups = width // request.block_size
-        bs = request.block_size
-        hessian = torch.zeros(groups, bs, bs, dtype=torch.float64, device=device)
-        targets.append(_Target(request.name, name, request.block_size, block, groups, hessian))
+        g = stored_block_size(width, request.block_size)
+        targets.append(_Target(request.name, name, g, block, width // g))
     return targets, without
 
 
@@ -436,6 +522,325 @@ def _check_windows(windows: torch.Tensor, model: nn.Module, config: dict[str, An
         raise InvalidInputError("calibration token ids must be non-negative.")
 
 
+@dataclass
+class StagePartials:
+    """One stage of a pass over some windows, before the reduction.
+
+    Attributes:
+        block: As :attr:`BlockResult.block`.
+        n_blocks: Length of the block list.
+        partials: Request name -> its float32 ``(width / g, g, g)`` ``X^T X`` products, one
+            per micro-batch, in window order (:func:`fold_partials` sums them).
+        inputs_of: Request name -> the Linear whose inputs gave them.
+        where: Where the stage ran (for error messages).
+        hidden: The hidden states of these windows entering block ``block + 1`` (None after
+            the tail, and where they are not wanted: Ray workers keep theirs).
+        tokens: Tokens the stage processed.
+        seconds: Wall time of the stage.
+        blocks_done: Blocks run so far by this pass (this one included).
+        blocks_planned: Blocks this pass runs in all.
+    """
+
+    block: int
+    n_blocks: int
+    partials: dict[str, list[torch.Tensor]]
+    inputs_of: dict[str, str]
+    where: str
+    hidden: torch.Tensor | None
+    tokens: int
+    seconds: float
+    blocks_done: int = 0
+    blocks_planned: int = 0
+
+
+def merge_stages(stages: Sequence[StagePartials]) -> StagePartials:
+    """The same stage of passes over consecutive window ranges, as one pass over all of them.
+
+    Args:
+        stages: In window order (worker 0's windows first).
+
+    Returns:
+        The partials concatenated in that order; tokens summed, the slowest part's seconds.
+    """
+    first = stages[0]
+    if any(s.block != first.block or s.partials.keys() != first.partials.keys() for s in stages):
+        raise InvalidInputError(
+            "calibration passes over parts of the windows went out of step (blocks "
+            f"{[s.block for s in stages]}): they must run the same model and layers."
+        )
+    partials = {name: [p for s in stages for p in s.partials[name]] for name in first.partials}
+    return StagePartials(
+        first.block,
+        first.n_blocks,
+        partials,
+        dict(first.inputs_of),
+        first.where,
+        None,
+        sum(s.tokens for s in stages),
+        max(s.seconds for s in stages),
+        first.blocks_done,
+        first.blocks_planned,
+    )
+
+
+def block_result(stage: StagePartials) -> BlockResult:
+    """Reduce a stage's partials (:func:`fold_partials`) into checked float32 ``H``."""
+    hessians = {
+        name: _checked(name, stage.inputs_of[name], fold_partials(parts), stage.where)
+        for name, parts in stage.partials.items()
+    }
+    return BlockResult(
+        stage.block,
+        stage.n_blocks,
+        hessians,
+        dict(stage.inputs_of),
+        stage.hidden,
+        stage.tokens,
+        stage.seconds,
+        stage.blocks_done,
+        stage.blocks_planned,
+    )
+
+
+class CalibrationPass:
+    """Calibration windows through the model block by block, one stage at a time.
+
+    Building it reads ``config.json``, builds the model on the meta device and resolves the
+    requests (:attr:`summary` is then known); :meth:`stages` runs the windows through it and
+    yields every stage's per-micro-batch products (:class:`StagePartials`). A pass over a range
+    of whole micro-batches gives the same products as a pass over all windows does for them,
+    so passes over consecutive ranges, on any process, merge into the same ``H``
+    (:func:`merge_stages`).
+
+    Raises:
+        ModelSourceError: No ``config.json`` or architecture, or no block list.
+        InvalidInputError: Bad windows, or a block size not dividing a layer's width.
+    """
+
+    def __init__(
+        self,
+        source: ModelSource,
+        requests: Sequence[HessianRequest],
+        windows: torch.Tensor,
+        *,
+        batch_size: int = 8,
+        device: str | torch.device = "cpu",
+        keep_hidden: bool = True,
+    ) -> None:
+        self._start_time = time.perf_counter()
+        if batch_size < 1:
+            raise InvalidInputError(f"batch_size={batch_size}: use at least 1 window per pass.")
+        _check_shape(windows)
+        self._source = source
+        self._windows = windows
+        self._batch_size = batch_size
+        self._keep_hidden = keep_hidden
+        n, seq_len = int(windows.shape[0]), int(windows.shape[1])
+        config = source.config()
+        if config is None:
+            raise ModelSourceError(
+                f"{source.path} has no config.json, so its architecture is unknown and "
+                "calibration text cannot be run through it. Put the model's config.json next "
+                "to its weights, or quantize with `metric: weight`."
+            )
+        self._config = config
+        model = build_meta_model(config, real_buffers=True)
+        model.eval()
+        if hasattr(model, "config") and hasattr(model.config, "use_cache"):
+            model.config.use_cache = False  # no key/value cache between micro-batches
+        self._model = model
+        self._blocks_name, self._blocks = find_block_list(model)
+        self._dev = torch.device(device)
+        self._targets, without = _resolve(model, requests, self._blocks_name, len(self._blocks))
+        for name in without:
+            logger.info("%s has no Linear input; it is quantized with the weight metric", name)
+        self.summary = CalibrationSummary(
+            self._blocks_name,
+            len(self._blocks),
+            0,
+            0,
+            n * seq_len,
+            0.0,
+            {t.job: t.linear for t in self._targets},
+            tuple(without),
+        )
+
+    def stages(self, resume: tuple[int, torch.Tensor] | None = None) -> Iterator[StagePartials]:
+        """Run the windows through the model, yielding each finished stage.
+
+        Args:
+            resume: ``(b, hidden)``: the hidden states entering block ``b`` from an earlier
+                pass over the same windows; used when no request lies in a block before
+                ``b`` (else the blocks are run from 0).
+
+        Yields:
+            The layers before the block list (:data:`HEAD`), every block run, then the layers
+            after it; nothing when no request has a Linear input. ``hidden`` is a buffer the
+            next stage overwrites.
+
+        Raises:
+            ModelSourceError: A weight the forward pass needs is not in the checkpoint, or
+                the blocks do not map hidden states to hidden states.
+            InvalidInputError: Windows the model cannot take; a requested layer never
+                reached by the forward pass.
+        """
+        targets, model, blocks = self._targets, self._model, self._blocks
+        blocks_name, n_blocks, summary = self._blocks_name, len(self._blocks), self.summary
+        if not targets:
+            summary.seconds = time.perf_counter() - self._start_time
+            return
+        windows = self._windows
+        n, seq_len = int(windows.shape[0]), int(windows.shape[1])
+        dev = self._dev
+        _check_windows(windows, model, self._config)  # before reading any weight
+        weights = _Weights(model, self._source, dev, torch.float32)
+        inside = f"{blocks_name}."
+        outside = [
+            module
+            for name, module in model.named_modules()
+            if name != blocks_name and not name.startswith(inside)
+        ]
+        weights.fill(outside)
+        for module in model.modules():  # buffers follow the parameters to the device
+            for key, buffer in module._buffers.items():
+                if buffer is not None and not buffer.is_meta and buffer.device != dev:
+                    module._buffers[key] = buffer.to(dev)
+        ids = windows.to(torch.int64)
+        size = self._batch_size
+        batches = [slice(s, min(s + size, n)) for s in range(0, n, size)]
+        blocks_needed = [t.block for t in targets if t.block is not None]
+        outer = [t for t in targets if t.block is None]
+
+        def stage(block: int, mine: Sequence[_Target], where: str, seconds: float) -> StagePartials:
+            return StagePartials(
+                block,
+                n_blocks,
+                {t.job: t.take() for t in mine},
+                {t.job: t.linear for t in mine},
+                where,
+                hidden if self._keep_hidden else None,
+                n * seq_len,
+                seconds,
+                summary.blocks_run,
+                max(last + 1 - start, 0),
+            )
+
+        with torch.inference_mode():
+            # --- capture: the inputs of block 0, and the layers before the block list -------
+            t0 = time.perf_counter()
+            catcher = _Catcher()
+            original = list(blocks)
+            blocks[0] = catcher
+            hidden: torch.Tensor | None = None
+            extras: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+            with _hooked(model, outer):
+                for part in batches:
+                    catcher.args, catcher.kwargs = (), {}
+                    with contextlib.suppress(_StopForwardError):
+                        model(input_ids=ids[part].to(dev))
+                    args, kwargs = catcher.args, dict(catcher.kwargs)
+                    if args:
+                        x, rest = args[0], args[1:]
+                    elif "hidden_states" in kwargs:
+                        x, rest = kwargs.pop("hidden_states"), ()
+                    else:
+                        raise ModelSourceError(
+                            f"{type(model).__name__}'s forward pass never reached "
+                            f"{blocks_name}.0 with hidden states, so it cannot be streamed "
+                            "block by block. Quantize it with `metric: weight`."
+                        )
+                    if hidden is None:
+                        hidden = torch.empty(n, *x.shape[1:], dtype=torch.float32, device=dev)
+                    hidden[part] = x
+                    if extras and _same(extras[-1], (rest, kwargs)):
+                        extras.append(extras[-1])  # the same arguments: keep one copy
+                    else:
+                        extras.append((rest, kwargs))
+            assert hidden is not None
+            blocks[0] = original[0]
+            head = [t for t in outer if t.calls > 0]
+            tail = [t for t in outer if t.calls == 0]
+            first = min(blocks_needed, default=n_blocks)
+            last = n_blocks - 1 if tail else max(blocks_needed, default=-1)
+            start = 0
+            if resume is not None and last >= 0:
+                # At least one block runs when the tail needs the blocks' output type.
+                at, saved = resume
+                if 0 < at <= min(first, last) and tuple(saved.shape) == tuple(hidden.shape):
+                    start = at
+                else:
+                    logger.info(
+                        "Saved hidden states (entering block %d) cannot be used: block %d must "
+                        "run again; calibration restarts at block 0",
+                        at,
+                        min(first, last),
+                    )
+            yield stage(HEAD, head, "before the blocks", time.perf_counter() - t0)
+
+            # --- the blocks, one at a time --------------------------------------------------
+            if start > 0:
+                assert resume is not None
+                hidden.copy_(resume[1])
+                logger.info("Calibration resumes at block %d of %d", start, n_blocks)
+            summary.start_block = start
+            as_tuple = False
+            for index in range(start, last + 1):
+                t0 = time.perf_counter()
+                block = original[index]
+                mine = [t for t in targets if t.block == index]
+                filled = weights.fill(block.modules())
+                with _hooked(model, mine):
+                    for part, (rest, kwargs) in zip(batches, extras, strict=True):
+                        out = block(hidden[part], *rest, **kwargs)
+                        as_tuple = isinstance(out, (tuple, list))
+                        y = out[0] if as_tuple else out
+                        if not isinstance(y, torch.Tensor) or y.shape != hidden[part].shape:
+                            got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y)
+                            raise ModelSourceError(
+                                f"{blocks_name}.{index} returned {got} for hidden states of "
+                                f"shape {tuple(hidden[part].shape)}; calibration needs blocks "
+                                "that map hidden states to hidden states. Quantize this model "
+                                "with `metric: weight`."
+                            )
+                        hidden[part] = y
+                weights.empty(filled)
+                where = f"in block {blocks_name}.{index}"
+                for target in mine:
+                    if target.calls == 0:
+                        raise _never_reached(target, where)
+                seconds = time.perf_counter() - t0
+                summary.blocks_run += 1
+                logger.info(
+                    "Calibration block %d/%d: %.1f s, %.0f tokens/s",
+                    index + 1,
+                    n_blocks,
+                    seconds,
+                    n * seq_len / max(seconds, 1e-9),
+                )
+                yield stage(index, mine, where, seconds)
+
+            # --- the tail: the cached final hidden states through what follows the blocks ---
+            if tail:
+                t0 = time.perf_counter()
+                replay = _Replay(as_tuple)
+                for index in range(n_blocks):
+                    blocks[index] = replay
+                with _hooked(model, tail, stop_when_all_seen=True) as seen:
+                    for part in batches:
+                        seen.clear()
+                        replay.hidden = hidden[part]
+                        with contextlib.suppress(_StopForwardError):
+                            model(input_ids=ids[part].to(dev))
+                for index in range(n_blocks):
+                    blocks[index] = original[index]
+                for target in tail:
+                    if target.calls == 0:
+                        raise _never_reached(target, "before, in or after the block list")
+                hidden = None
+                yield stage(n_blocks, tail, "after the blocks", time.perf_counter() - t0)
+        summary.seconds = time.perf_counter() - self._start_time
+
+
 def collect_hessians(
     source: ModelSource,
     requests: Sequence[HessianRequest],
@@ -448,6 +853,9 @@ def collect_hessians(
 ) -> CalibrationSummary:
     """Run calibration windows through the model block by block and collect ``H`` per request.
 
+    One :class:`CalibrationPass` over all windows in this process; each stage's products are
+    folded (:func:`fold_partials`) as soon as it finishes.
+
     Args:
         source: The model (needs a ``config.json`` naming its architecture).
         requests: The layers that need ``H``, with their block sizes.
@@ -458,7 +866,7 @@ def collect_hessians(
             with the same windows; used when no request lies in a block before ``b`` (else
             the blocks are run from 0).
         batch_size: Windows per forward pass (memory: activations of one block for
-            ``batch_size * seq_len`` tokens).
+            ``batch_size * seq_len`` tokens). Part of what decides ``H``'s bytes.
         device: Where the blocks run. Hidden states of all windows are kept there, in float32.
 
     Returns:
@@ -471,212 +879,16 @@ def collect_hessians(
             ids outside its vocabulary); a requested layer never reached by the forward pass;
             a non-finite ``H``.
     """
-    start_time = time.perf_counter()
-    if batch_size < 1:
-        raise InvalidInputError(f"batch_size={batch_size}: use at least 1 window per pass.")
-    _check_shape(windows)
-    n, seq_len = int(windows.shape[0]), int(windows.shape[1])
-    config = source.config()
-    if config is None:
-        raise ModelSourceError(
-            f"{source.path} has no config.json, so its architecture is unknown and calibration "
-            "text cannot be run through it. Put the model's config.json next to its weights, "
-            "or quantize with `metric: weight`."
-        )
-    model = build_meta_model(config, real_buffers=True)
-    model.eval()
-    if hasattr(model, "config") and hasattr(model.config, "use_cache"):
-        model.config.use_cache = False  # no key/value cache between micro-batches
-    blocks_name, blocks = find_block_list(model)
-    n_blocks = len(blocks)
-    dev = torch.device(device)
-    targets, without = _resolve(model, requests, blocks_name, n_blocks, dev)
-    for name in without:
-        logger.info("%s has no Linear input; it is quantized with the weight metric", name)
-    inputs_of = {t.job: t.linear for t in targets}
-    summary = CalibrationSummary(blocks_name, n_blocks, 0, 0, n * seq_len, 0.0, inputs_of)
-    summary.without_input = tuple(without)
-    if not targets:
-        summary.seconds = time.perf_counter() - start_time
-        return summary
-
-    _check_windows(windows, model, config)  # before reading any weight
-    weights = _Weights(model, source, dev, torch.float32)
-    inside = f"{blocks_name}."
-    outside = [
-        module
-        for name, module in model.named_modules()
-        if name != blocks_name and not name.startswith(inside)
-    ]
-    weights.fill(outside)
-    for module in model.modules():  # buffers follow the parameters to the device
-        for key, buffer in module._buffers.items():
-            if buffer is not None and not buffer.is_meta and buffer.device != dev:
-                module._buffers[key] = buffer.to(dev)
-    ids = windows.to(torch.int64)
-    batches = [slice(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
-    blocks_needed = [t.block for t in targets if t.block is not None]
-    outer = [t for t in targets if t.block is None]
-
-    with torch.inference_mode():
-        # --- capture: the inputs of block 0, and the layers before the block list -----------
-        t0 = time.perf_counter()
-        catcher = _Catcher()
-        original = list(blocks)
-        blocks[0] = catcher
-        hidden: torch.Tensor | None = None
-        extras: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
-        with _hooked(model, outer):
-            for part in batches:
-                catcher.args, catcher.kwargs = (), {}
-                with contextlib.suppress(_StopForwardError):
-                    model(input_ids=ids[part].to(dev))
-                args, kwargs = catcher.args, dict(catcher.kwargs)
-                if args:
-                    x, rest = args[0], args[1:]
-                elif "hidden_states" in kwargs:
-                    x, rest = kwargs.pop("hidden_states"), ()
-                else:
-                    raise ModelSourceError(
-                        f"{type(model).__name__}'s forward pass never reached {blocks_name}.0 "
-                        "with hidden states, so it cannot be streamed block by block. Quantize "
-                        "it with `metric: weight`."
-                    )
-                if hidden is None:
-                    hidden = torch.empty(n, *x.shape[1:], dtype=torch.float32, device=dev)
-                hidden[part] = x
-                if extras and _same(extras[-1], (rest, kwargs)):
-                    extras.append(extras[-1])  # the same arguments: keep one copy
-                else:
-                    extras.append((rest, kwargs))
-        assert hidden is not None
-        blocks[0] = original[0]
-        head = [t for t in outer if t.calls > 0]
-        tail = [t for t in outer if t.calls == 0]
-        first = min(blocks_needed, default=n_blocks)
-        last = n_blocks - 1 if tail else max(blocks_needed, default=-1)
-        start = 0
-        if resume is not None and last >= 0:
-            # At least one block runs when the tail needs the blocks' output type.
-            at, saved = resume
-            if 0 < at <= min(first, last) and tuple(saved.shape) == tuple(hidden.shape):
-                start = at
-            else:
-                logger.info(
-                    "Saved hidden states (entering block %d) cannot be used: block %d must run "
-                    "again; calibration restarts at block 0",
-                    at,
-                    min(first, last),
-                )
+    calibration = CalibrationPass(source, requests, windows, batch_size=batch_size, device=device)
+    for stage in calibration.stages(resume):
+        result = block_result(stage)
         if on_block is not None:
-            results = {t.job: t.result("before the blocks") for t in head}
-            on_block(
-                BlockResult(
-                    HEAD,
-                    n_blocks,
-                    results,
-                    {t.job: t.linear for t in head},
-                    hidden,
-                    n * seq_len,
-                    time.perf_counter() - t0,
-                    0,
-                    max(last + 1 - start, 0),
-                )
-            )
-
-        # --- the blocks, one at a time ------------------------------------------------------
-        if start > 0:
-            assert resume is not None
-            hidden.copy_(resume[1])
-            logger.info("Calibration resumes at block %d of %d", start, n_blocks)
-        summary.start_block = start
-        as_tuple = False
-        for index in range(start, last + 1):
-            t0 = time.perf_counter()
-            block = original[index]
-            mine = [t for t in targets if t.block == index]
-            filled = weights.fill(block.modules())
-            with _hooked(model, mine):
-                for part, (rest, kwargs) in zip(batches, extras, strict=True):
-                    out = block(hidden[part], *rest, **kwargs)
-                    as_tuple = isinstance(out, (tuple, list))
-                    y = out[0] if as_tuple else out
-                    if not isinstance(y, torch.Tensor) or y.shape != hidden[part].shape:
-                        raise ModelSourceError(
-                            f"{blocks_name}.{index} returned "
-                            f"{tuple(y.shape) if isinstance(y, torch.Tensor) else type(y)} for "
-                            f"hidden states of shape {tuple(hidden[part].shape)}; calibration "
-                            "needs blocks that map hidden states to hidden states. Quantize "
-                            "this model with `metric: weight`."
-                        )
-                    hidden[part] = y
-            weights.empty(filled)
-            where = f"in block {blocks_name}.{index}"
-            for target in mine:
-                if target.calls == 0:
-                    raise _never_reached(target, where)
-            results = {t.job: t.result(where) for t in mine}
-            seconds = time.perf_counter() - t0
-            summary.blocks_run += 1
-            logger.info(
-                "Calibration block %d/%d: %.1f s, %.0f tokens/s",
-                index + 1,
-                n_blocks,
-                seconds,
-                n * seq_len / max(seconds, 1e-9),
-            )
-            if on_block is not None:
-                on_block(
-                    BlockResult(
-                        index,
-                        n_blocks,
-                        results,
-                        {t.job: t.linear for t in mine},
-                        hidden,
-                        n * seq_len,
-                        seconds,
-                        summary.blocks_run,
-                        last + 1 - start,
-                    )
-                )
-
-        # --- the tail: the cached final hidden states through what follows the blocks -------
-        if tail:
-            t0 = time.perf_counter()
-            replay = _Replay(as_tuple)
-            for index in range(n_blocks):
-                blocks[index] = replay
-            with _hooked(model, tail, stop_when_all_seen=True) as seen:
-                for part in batches:
-                    seen.clear()
-                    replay.hidden = hidden[part]
-                    with contextlib.suppress(_StopForwardError):
-                        model(input_ids=ids[part].to(dev))
-            for index in range(n_blocks):
-                blocks[index] = original[index]
-            for target in tail:
-                if target.calls == 0:
-                    raise _never_reached(target, "before, in or after the block list")
-            results = {t.job: t.result("after the blocks") for t in tail}
-            if on_block is not None:
-                on_block(
-                    BlockResult(
-                        n_blocks,
-                        n_blocks,
-                        results,
-                        {t.job: t.linear for t in tail},
-                        None,
-                        n * seq_len,
-                        time.perf_counter() - t0,
-                        summary.blocks_run,
-                        summary.blocks_run,
-                    )
-                )
-    summary.seconds = time.perf_counter() - start_time
+            on_block(result)
+    summary = calibration.summary
     logger.info(
         "Calibrated %d layers on %d tokens in %.1f s (%d blocks run)",
-        len(targets),
-        n * seq_len,
+        len(summary.inputs_of),
+        summary.tokens,
         summary.seconds,
         summary.blocks_run,
     )

@@ -8,7 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from dist_pgkm.checkpoint.calib import CALIB_DIR, CalibStore, read_hessian, write_hessian
+from dist_pgkm.checkpoint.calib import (
+    CALIB_DIR,
+    CalibStore,
+    cache_key,
+    read_hessian,
+    write_hessian,
+)
 from dist_pgkm.errors import CheckpointError
 
 IDENTITY = {"windows_sha256": "ab" * 32, "samples": 4, "seq_len": 8, "layers": [["l0", 2]]}
@@ -93,3 +99,22 @@ def test_corrupt_hidden_states_are_not_resumed_from(tmp_path: Path) -> None:
     path = tmp_path / CALIB_DIR / "hidden.safetensors"
     path.write_bytes(path.read_bytes()[:-8])
     assert CalibStore.open(tmp_path, IDENTITY).hidden() is None
+
+
+def test_stored_blocks_are_read_out_per_block_size_and_a_misfit_is_refused(
+    tmp_path: Path,
+) -> None:
+    h = _h(groups=2, bs=24)  # width 48 in 24 x 24 blocks
+    store = CalibStore.at(tmp_path / "cache" / cache_key(IDENTITY), IDENTITY)
+    store.add({"l0": h}, {})
+    (record,) = store.hessians.values()
+    assert record.block_size == 24
+    assert Path(record.path).parent == tmp_path / "cache" / cache_key(IDENTITY)
+    got = store.read("l0", block_size=8)
+    assert got.shape == (6, 8, 8)
+    assert torch.equal(got[4], h[1, 8:16, 8:16])
+    assert torch.equal(store.read("l0"), h)
+    with pytest.raises(CheckpointError, match=r"stored in 24 x 24 blocks.*block size of 16"):
+        store.read("l0", block_size=16)
+    assert cache_key(IDENTITY) != cache_key({**IDENTITY, "samples": 5})
+    assert cache_key(IDENTITY) == cache_key(dict(reversed(list(IDENTITY.items()))))

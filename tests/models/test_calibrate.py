@@ -24,9 +24,13 @@ from dist_pgkm.eval.text import calibration_windows, load_text
 from dist_pgkm.models.calibrate import (
     HEAD,
     BlockResult,
+    CalibrationPass,
     HessianRequest,
+    block_result,
     collect_hessians,
+    diagonal_blocks,
     find_block_list,
+    merge_stages,
     windows_digest,
 )
 from dist_pgkm.models.layers import build_meta_model
@@ -95,6 +99,14 @@ def _collect(
     return got, results, summary
 
 
+def _read_out(
+    got: dict[str, torch.Tensor], requests: list[HessianRequest]
+) -> dict[str, torch.Tensor]:
+    """Each request's ``bs x bs`` blocks, read out of the stored ``g x g`` ones."""
+    sizes = {r.name: r.block_size for r in requests}
+    return {name: diagonal_blocks(h, sizes[name]) for name, h in got.items()}
+
+
 def _assert_close(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> None:
     assert set(got) == set(ref)
     for name, expected in ref.items():
@@ -111,9 +123,9 @@ def test_streamed_hessians_equal_whole_model_hooks_on_smollm2(
 ) -> None:
     got, results, summary = _collect(smol2, SMOL_REQUESTS, smol_windows, batch_size=4)
     ref = reference_hessians(load_whole(smol2), SMOL_REQUESTS, smol_windows, batch=4)
-    _assert_close(got, ref)
-    assert got["model.layers.0.self_attn.q_proj"].shape == (72, 8, 8)  # 576 / 8 groups
-    assert got["model.layers.1.mlp.down_proj"].shape == (192, 8, 8)  # 1536 / 8
+    _assert_close(_read_out(got, SMOL_REQUESTS), ref)
+    assert got["model.layers.0.self_attn.q_proj"].shape == (24, 24, 24)  # 576 / 24 groups
+    assert got["model.layers.1.mlp.down_proj"].shape == (64, 24, 24)  # 1536 / 24
     # The tied embedding's H is lm_head's, collected after the blocks from the final states.
     assert summary.inputs_of["model.embed_tokens"] == "lm_head"
     assert summary.block_list == "model.layers"
@@ -148,6 +160,7 @@ def test_minilm_encoder_untied_embedding_and_pooler(tmp_path: Path) -> None:
     assert summary.n_blocks == 6
     assert summary.without_input == ("embeddings.word_embeddings",)
     ref = reference_hessians(load_whole(model), requests[:3], windows, batch=2)
+    got = _read_out(got, requests)
     _assert_close(got, ref)
     assert got["encoder.layer.5.output.dense"].shape == (192, 8, 8)
     # The pooler sees one token per window.
@@ -272,7 +285,7 @@ def test_dead_input_channel_quantizes_without_nan(smol2: Path, smol_windows: tor
     """A channel whose input is always zero makes H singular: damping keeps the metric valid."""
     name = "model.layers.0.self_attn.o_proj"
     got, _, _ = _collect(smol2, [HessianRequest(name, 4)], smol_windows)
-    h = got[name].clone()
+    h = diagonal_blocks(got[name], 4).clone()
     h[3, 1, :] = 0.0  # input feature 13 never non-zero
     h[3, :, 1] = 0.0
     h[10] = 0.0  # and a whole block of four
@@ -296,3 +309,24 @@ def test_dead_input_channel_quantizes_without_nan(smol2: Path, smol_windows: tor
     )
     assert q0.metric == "weight"
     assert bool(torch.isfinite(q0.centroids).all())
+
+
+def test_passes_over_chunk_ranges_merge_to_the_same_bytes(
+    smol2: Path, smol_windows: torch.Tensor
+) -> None:
+    """What Ray workers do: passes over consecutive micro-batch ranges, merged in order."""
+    whole, _, _ = _collect(smol2, SMOL_REQUESTS, smol_windows, batch_size=2)  # 3 chunks
+    parts = [smol_windows[:2], smol_windows[2:]]  # chunk 0 | chunks 1 and 2
+    streams = [
+        CalibrationPass(open_source(smol2), SMOL_REQUESTS, w, batch_size=2, keep_hidden=False)
+        for w in parts
+    ]
+    merged: dict[str, torch.Tensor] = {}
+    for stages in zip(*(s.stages() for s in streams), strict=True):
+        assert all(s.hidden is None for s in stages)
+        stage = merge_stages(stages)
+        assert stage.tokens == 6 * 64
+        merged.update(block_result(stage).hessians)
+    assert merged.keys() == whole.keys()
+    for name, h in whole.items():
+        assert h.numpy().tobytes() == merged[name].numpy().tobytes(), name
