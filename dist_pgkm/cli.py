@@ -273,7 +273,7 @@ def _model_path(text: str) -> Path:
 
 
 def _run_quantize(args: argparse.Namespace) -> int:
-    from dist_pgkm.checkpoint.inspect import describe
+    from dist_pgkm.checkpoint.summary import describe
     from dist_pgkm.config.quantize import load_config
     from dist_pgkm.console import quantize_progress, worker_summary_lines
     from dist_pgkm.distributed.coordinator import quantize_model
@@ -492,7 +492,7 @@ def _register_quantize(subparsers: Subparsers, parents: list[argparse.ArgumentPa
 def _run_finetune(args: argparse.Namespace) -> int:
     import transformers
 
-    from dist_pgkm.checkpoint.inspect import describe
+    from dist_pgkm.checkpoint.summary import describe
     from dist_pgkm.config.finetune import load_finetune_config
     from dist_pgkm.console import finetune_progress
     from dist_pgkm.eval.report import write_report
@@ -693,7 +693,7 @@ def _register_lr2vq_rank(subparsers: Subparsers, parents: list[argparse.Argument
 def _run_inspect(args: argparse.Namespace) -> int:
     from rich.table import Table
 
-    from dist_pgkm.checkpoint.inspect import describe
+    from dist_pgkm.checkpoint.summary import describe
 
     info = describe(args.dir)
     table = Table(title=str(args.dir))

@@ -13,12 +13,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dist_pgkm.checkpoint.manifest import MANIFEST_NAME
+from dist_pgkm.checkpoint.manifest import MANIFEST_NAME, Manifest
 from dist_pgkm.checkpoint.merge import read_shard_header
 from dist_pgkm.checkpoint.shard import layer_spec
 from dist_pgkm.checkpoint.spec import CENTROID_DTYPES, REMERGE, TENSOR_SUFFIXES, LayerSpec
 from dist_pgkm.errors import CheckpointError
 from dist_pgkm.utils.dtypes import element_bytes
+from dist_pgkm.utils.safetensors_io import UnreadableFile, read_header
 
 __all__ = ["CheckpointSummary", "LayerSummary", "describe"]
 
@@ -149,10 +150,28 @@ def _natural(name: str) -> list[int | str]:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise CheckpointError(
+            f"{path}: unreadable ({exc}); it was damaged or edited. To rewrite it, {REMERGE}."
+        ) from exc
+    return data
+
+
 def _model_files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(v, str) for v in weight_map.values()
+        ):
+            raise CheckpointError(
+                f"{index}: no weight_map of file names. To rewrite it, {REMERGE}."
+            )
         return [path / name for name in sorted(set(weight_map.values()))]
     return [path / "model.safetensors"]
 
@@ -165,25 +184,22 @@ def describe(path: str | Path) -> CheckpointSummary:
     """
     path = Path(path)
     config_path = path / "config.json"
-    manifest_path = path / MANIFEST_NAME
-    manifest: dict[str, Any] = {}
-    if manifest_path.is_file():
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    if not config_path.is_file() and not manifest:
+    manifest = Manifest.read(path)
+    if not config_path.is_file() and manifest is None:
         raise CheckpointError(
             f"{path}: neither config.json nor {MANIFEST_NAME} found; not a dist-pgkm checkpoint. "
             "Pass the --out directory of `dist-pgkm quantize`."
         )
     qconfig: dict[str, Any] = {}
     if config_path.is_file():
-        qconfig = json.loads(config_path.read_text(encoding="utf-8")).get("quantization_config", {})
+        qconfig = _read_json(config_path).get("quantization_config", {})
     if config_path.is_file() and qconfig.get("quant_method") != "pgkm":
         raise CheckpointError(
             f"{config_path}: no pgkm quantization_config; this is not a dist-pgkm checkpoint."
         )
-    records = manifest.get("layers", {})
+    records = manifest.layers if manifest is not None else {}
     centroid_dtype = qconfig.get(
-        "centroid_dtype", manifest.get("fingerprint", {}).get("config", {}).get("centroid_dtype")
+        "centroid_dtype", manifest.run_option("centroid_dtype") if manifest is not None else None
     )
     if centroid_dtype not in CENTROID_DTYPES:
         raise CheckpointError(
@@ -201,11 +217,11 @@ def describe(path: str | Path) -> CheckpointSummary:
             spec = LayerSpec.parse(raw, version, where, f"To rewrite it, {REMERGE}.")
         stats: dict[str, Any] = {}
         record = records.get(name)
-        if record is not None and (path / record["shard"]).is_file():
-            meta, _ = read_shard_header(path / record["shard"])
+        if record is not None and (path / record.shard).is_file():
+            meta, _ = read_shard_header(path / record.shard)
             stats = json.loads(meta.get("stats", "{}"))
             if spec is None:
-                spec = layer_spec(meta, str(path / record["shard"]))
+                spec = layer_spec(meta, str(path / record.shard))
         if spec is None:
             continue
         summary.layers.append(
@@ -231,27 +247,29 @@ def describe(path: str | Path) -> CheckpointSummary:
                 empty_after_init=stats.get("empty_after_init"),
                 empty_total=stats.get("empty_total"),
                 empty_final=stats.get("empty_final"),
-                seconds=record["seconds"] if record else None,
+                seconds=record.seconds if record else None,
                 tied=tuple(t for t, owner in tied.items() if owner == name),
             )
         )
     files = _model_files(path)
     if all(f.is_file() for f in files) and config_path.is_file():
-        from safetensors import safe_open
-
         quantized_keys = {
             f"{layer.name}.{suffix}" for layer in summary.layers for suffix in TENSOR_SUFFIXES
         }
         for file in files:
-            summary.checkpoint_bytes += file.stat().st_size
-            with safe_open(str(file), framework="pt") as f:
-                for key in f.keys():  # noqa: SIM118 (not a dict)
-                    if key in quantized_keys:
-                        continue
-                    piece = f.get_slice(key)
-                    numel = math.prod(piece.get_shape())
-                    dtype = piece.get_dtype()
-                    summary.float_bytes += numel * element_bytes(dtype)
-                    if dtype.startswith(("F", "BF")):  # integer buffers are not parameters
-                        summary.float_params += numel
+            try:
+                header = read_header(file)
+            except UnreadableFile as exc:
+                raise CheckpointError(
+                    f"{file}: not a readable safetensors file ({exc.why}). The file is "
+                    f"truncated or corrupt; to rewrite it, {REMERGE}."
+                ) from exc
+            summary.checkpoint_bytes += header.size
+            for key, entry in header.tensors.items():
+                if key in quantized_keys:
+                    continue
+                numel = math.prod(entry.shape)
+                summary.float_bytes += numel * element_bytes(entry.dtype)
+                if entry.dtype.startswith(("F", "BF")):  # integer buffers are not parameters
+                    summary.float_params += numel
     return summary
