@@ -694,8 +694,9 @@ def _run_inspect(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from dist_pgkm.checkpoint.summary import describe
+    from dist_pgkm.checkpoint.verify import verify_enabled
 
-    info = describe(args.dir)
+    info = describe(args.dir, verify=verify_enabled(False if args.no_verify else None))
     table = Table(title=str(args.dir))
     columns = ("layer", "shape", "bs", "K", "used", "extras", "bits/w", "rel SSE", "empty", "s")
     for column in columns:
@@ -723,6 +724,10 @@ def _run_inspect(args: argparse.Namespace) -> int:
         f"bits/parameter, {info.compression_vs_fp16:.2f}x smaller than fp16. "
         "empty = clusters empty at the end / met over all iterations."
     )
+    if info.verified:
+        console.print("model files: sha256 verified against the run's record")
+    elif info.verified is False:
+        console.print("model files: not verified (no manifest.json records their sha256)")
     if args.json is not None:
         write_json_file(args.json, info.as_dict())
     return 0
@@ -744,7 +749,17 @@ def _register_inspect(subparsers: Subparsers, parents: list[argparse.ArgumentPar
     )
     p.add_argument("dir", type=Path, metavar="DIR", help="output directory of quantize")
     p.add_argument("--json", type=Path, metavar="PATH", help="also write the summary as JSON")
+    _add_no_verify(p)
     p.set_defaults(handler=_run_inspect)
+
+
+def _add_no_verify(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="skip checking the model files' sha256 against manifest.json (reads every byte "
+        "once, see docs/format.md; also DIST_PGKM_VERIFY=0)",
+    )
 
 
 def _run_bench_ptq(args: argparse.Namespace) -> int:
@@ -1124,7 +1139,7 @@ def _run_eval(args: argparse.Namespace) -> int:
     auto: Any = transformers.AutoTokenizer
     tokenizer = auto.from_pretrained(str(model_dir))
     if quantized:
-        model = dist_pgkm.load(model_dir)
+        model = dist_pgkm.load(model_dir, verify=False if args.no_verify else None)
     else:
         cls: Any = transformers.AutoModelForCausalLM if task == "ppl" else transformers.AutoModel
         model = cls.from_pretrained(str(model_dir))
@@ -1179,6 +1194,7 @@ def _register_eval(subparsers: Subparsers, parents: list[argparse.ArgumentParser
     p.add_argument("--batch-size", type=_positive_int, default=4, help="windows per forward")
     p.add_argument("--pairs", type=_positive_int, default=1000, help="retrieval queries")
     p.add_argument("--json", type=Path, metavar="PATH", help="write the result as JSON")
+    _add_no_verify(p)
     p.set_defaults(handler=_run_eval)
 
 

@@ -57,6 +57,7 @@ from dist_pgkm.checkpoint.spec import (
     TENSOR_SUFFIXES,
     LayerSpec,
 )
+from dist_pgkm.checkpoint.verify import verification, verify_enabled, verify_files
 from dist_pgkm.errors import CheckpointError, InvalidInputError
 from dist_pgkm.models.hf_keys import key_renamer
 from dist_pgkm.pq.modules import PQConv2d, PQEmbedding, PQLinear, PQModule, pq_module_for
@@ -241,7 +242,7 @@ def _read_header(path: Path) -> tuple[dict[str, str], dict[str, _TensorInfo]]:
             f"corrupt; to rewrite it, {_REMERGE}."
         ) from exc
     tensors = {
-        key: _TensorInfo(path.name, entry.dtype, entry.shape)
+        key: _TensorInfo(str(path), entry.dtype, entry.shape)
         for key, entry in header.tensors.items()
     }
     return header.metadata, tensors
@@ -345,9 +346,13 @@ class PGKMHfQuantizer(HfQuantizer):
     ) -> PreTrainedModel:
         headers = None
         if checkpoint_files:
-            self._where = str(Path(checkpoint_files[0]).parent)
+            directory = Path(checkpoint_files[0]).parent
+            # Problems name the model file, or the directory when there are several files.
+            self._where = str(checkpoint_files[0] if len(checkpoint_files) == 1 else directory)
             headers = _read_headers(checkpoint_files, self.quantization_config.header_metadata)
             self._files = {key: info.file for key, info in headers.items()}
+            if verify_enabled():
+                verify_files(directory, checkpoint_files)
         strict = self._strict(model)
         self._place_modules(model, strict)
         self._rewrite_ties(model)
@@ -787,6 +792,7 @@ def load(
     dense: bool = False,
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
+    verify: bool | None = None,
 ) -> PreTrainedModel:
     """Load a dist-pgkm checkpoint directory as its transformers model.
 
@@ -798,6 +804,10 @@ def load(
             Codebooks are cast to it like any weight: a float32 model holds fp16/bf16
             codebooks exactly.
         device: Device to load on.
+        verify: Check every model file's sha256 against the one its run recorded
+            (``manifest.json``) before loading; reads every byte once. Default: on, unless
+            ``$DIST_PGKM_VERIFY`` is ``0`` (:mod:`dist_pgkm.checkpoint.verify`).
+
     Returns:
         The model of the class named in config.json ``architectures``, in eval mode, with
         :class:`~dist_pgkm.pq.PQLinear` / ``PQEmbedding`` / ``PQConv2d`` modules in place of
@@ -805,7 +815,8 @@ def load(
 
     Raises:
         CheckpointError: The directory is not a valid dist-pgkm checkpoint of this format
-            version, or its architecture is unknown to the installed transformers.
+            version, a model file differs from the sha256 its run recorded, or its
+            architecture is unknown to the installed transformers.
     """
     import transformers
 
@@ -824,10 +835,14 @@ def load(
             f"{transformers.__version__}. Upgrade transformers, or load the directory with "
             "transformers.AutoModel*.from_pretrained after `import dist_pgkm`."
         )
+    # Every header checked here, before transformers opens a file: a damaged one is named.
+    version = str(config["quantization_config"]["format_version"])
+    _read_headers(files, {"quant_method": QUANT_METHOD, "dist_pgkm_format": version})
     kwargs: dict[str, Any] = {"dtype": dtype or _default_dtype(config, files)}
     if torch.device(device).type != "cpu":
         kwargs["device_map"] = {"": torch.device(device)}
-    model = cls.from_pretrained(path, **kwargs)
+    with verification(verify):
+        model = cls.from_pretrained(path, **kwargs)
     if dense:
         model = model.dequantize()
     return model  # type: ignore[no-any-return]

@@ -17,6 +17,7 @@ from dist_pgkm.checkpoint.manifest import MANIFEST_NAME, Manifest
 from dist_pgkm.checkpoint.merge import read_shard_header
 from dist_pgkm.checkpoint.shard import layer_spec
 from dist_pgkm.checkpoint.spec import CENTROID_DTYPES, REMERGE, TENSOR_SUFFIXES, LayerSpec
+from dist_pgkm.checkpoint.verify import verify_files
 from dist_pgkm.errors import CheckpointError
 from dist_pgkm.utils.dtypes import element_bytes
 from dist_pgkm.utils.safetensors_io import UnreadableFile, read_header
@@ -89,6 +90,7 @@ class CheckpointSummary:
     float_params: int = 0  # floating-point tensors stored as they are
     float_bytes: int = 0  # every unquantized tensor, integer buffers included
     checkpoint_bytes: int = 0
+    verified: bool | None = None  # sha256 checked against the run's record (None: not asked)
 
     @property
     def quantized_params(self) -> int:
@@ -135,6 +137,7 @@ class CheckpointSummary:
             "bits_per_weight": self.bits_per_weight,
             "model_bits_per_param": self.model_bits_per_param,
             "compression_vs_fp16": self.compression_vs_fp16,
+            "verified": self.verified,
             "empty_final": sum(layer.empty_final or 0 for layer in self.layers),
             "empty_total": sum(layer.empty_total or 0 for layer in self.layers),
             "layers": [
@@ -162,6 +165,28 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
+_STATS = ("sse", "weight_sq", "empty_after_init", "empty_total", "empty_final")
+
+
+def _shard_stats(meta: dict[str, str], shard: Path) -> dict[str, float | int | None]:
+    """The clustering statistics a shard's header records (informative: a value that is not
+    a number is left out)."""
+    try:
+        raw = json.loads(meta.get("stats", "{}"))
+        if not isinstance(raw, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as exc:
+        raise CheckpointError(
+            f"{shard}: header entry 'stats' is malformed ({exc}). The shard is corrupt; delete "
+            "it and run the same `dist-pgkm quantize` command again to redo the layer."
+        ) from exc
+    return {
+        key: value
+        for key in _STATS
+        if isinstance(value := raw.get(key), int | float) and not isinstance(value, bool)
+    }
+
+
 def _model_files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.is_file():
@@ -176,11 +201,17 @@ def _model_files(path: Path) -> list[Path]:
     return [path / "model.safetensors"]
 
 
-def describe(path: str | Path) -> CheckpointSummary:
+def describe(path: str | Path, verify: bool = False) -> CheckpointSummary:
     """Summarise a merged checkpoint directory (or, before the merge, a run's shards).
 
+    Args:
+        path: The checkpoint or run directory.
+        verify: Also check the model files' sha256 against the run's record
+            (:func:`~dist_pgkm.checkpoint.verify.verify_files`; ``dist-pgkm inspect`` does).
+
     Raises:
-        CheckpointError: ``path`` is not a dist-pgkm checkpoint or run directory.
+        CheckpointError: ``path`` is not a dist-pgkm checkpoint or run directory, a file is
+            unreadable, or (with ``verify``) a model file differs from its recorded sha256.
     """
     path = Path(path)
     config_path = path / "config.json"
@@ -219,7 +250,7 @@ def describe(path: str | Path) -> CheckpointSummary:
         record = records.get(name)
         if record is not None and (path / record.shard).is_file():
             meta, _ = read_shard_header(path / record.shard)
-            stats = json.loads(meta.get("stats", "{}"))
+            stats = _shard_stats(meta, path / record.shard)
             if spec is None:
                 spec = layer_spec(meta, str(path / record.shard))
         if spec is None:
@@ -256,6 +287,8 @@ def describe(path: str | Path) -> CheckpointSummary:
         quantized_keys = {
             f"{layer.name}.{suffix}" for layer in summary.layers for suffix in TENSOR_SUFFIXES
         }
+        if verify:
+            summary.verified = verify_files(path, files)
         for file in files:
             try:
                 header = read_header(file)
