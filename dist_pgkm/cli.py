@@ -918,6 +918,44 @@ def _register_bench_fuzz(subparsers: Subparsers, parents: list[argparse.Argument
     p.set_defaults(handler=_run_bench_fuzz)
 
 
+def _run_bench_kill(args: argparse.Namespace) -> int:
+    from dist_pgkm.bench import killpoints  # type: ignore[import-not-found, unused-ignore]
+    from dist_pgkm.bench.common import write_json  # type: ignore[import-not-found, unused-ignore]
+
+    options = killpoints.KillOptions(
+        points=args.points,
+        merge_points=args.merge_points,
+        seed=args.seed,
+        work_dir=args.work_dir,
+        command=shlex.join(["dist-pgkm", *args.argv]),
+    )
+    with _progress() as update:
+        report = killpoints.run_benchmark(options, progress=update)
+    killpoints.render_report(_stdout_console(), report)
+    if args.json is not None:
+        write_json(args.json, report.as_dict())
+    if args.md is not None:
+        killpoints.write_markdown(args.md, report)
+    return 0
+
+
+def _register_bench_kill(subparsers: Subparsers, parents: list[argparse.ArgumentParser]) -> None:
+    p = subparsers.add_parser(
+        "kill",
+        parents=parents,
+        help="kill -9 quantize runs at random points (some in the merge); resume; same bytes?",
+    )
+    p.add_argument("--points", type=_positive_int, default=20, help="kills")
+    p.add_argument("--merge-points", type=int, default=4, help="of them during the merge")
+    p.add_argument("--seed", type=int, default=0, help="seed of the kill points")
+    p.add_argument("--json", type=Path, metavar="PATH", help="write the report as JSON")
+    p.add_argument(
+        "--md", type=Path, metavar="PATH", help="rewrite the kill section of this markdown file"
+    )
+    p.add_argument("--work-dir", type=Path, default=None, metavar="DIR", help="where runs go")
+    p.set_defaults(handler=_run_bench_kill)
+
+
 def _run_bench_finetune(args: argparse.Namespace) -> int:
     from dist_pgkm.bench import finetune  # type: ignore[import-not-found, unused-ignore]
 
@@ -1273,6 +1311,7 @@ _BENCHMARKS: tuple[Callable[[Subparsers, list[argparse.ArgumentParser]], None], 
     _register_bench_finetune,
     _register_bench_dkm,
     _register_bench_fuzz,
+    _register_bench_kill,
 )
 
 
