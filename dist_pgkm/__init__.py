@@ -30,14 +30,17 @@ def load(
     dense: bool = False,
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
+    verify: bool | None = None,
 ) -> PreTrainedModel:
     """Load a dist-pgkm checkpoint directory as its transformers model.
 
     See :func:`dist_pgkm.checkpoint.hf.load` (imported on first call: it needs transformers).
+    ``verify`` (default on, ``DIST_PGKM_VERIFY=0`` turns it off) checks the model files'
+    sha256 against the run's record first.
     """
     from dist_pgkm.checkpoint.hf import load as load_checkpoint
 
-    return load_checkpoint(path, dense=dense, dtype=dtype, device=device)
+    return load_checkpoint(path, dense=dense, dtype=dtype, device=device, verify=verify)
 
 
 _install_transformers_hook()

@@ -275,7 +275,7 @@ def _model_path(text: str) -> Path:
 
 
 def _run_quantize(args: argparse.Namespace) -> int:
-    from dist_pgkm.checkpoint.inspect import describe
+    from dist_pgkm.checkpoint.summary import describe
     from dist_pgkm.config.quantize import load_config
     from dist_pgkm.console import quantize_progress, worker_summary_lines
     from dist_pgkm.distributed.coordinator import quantize_model
@@ -524,7 +524,7 @@ def _register_quantize(subparsers: Subparsers, parents: list[argparse.ArgumentPa
 def _run_finetune(args: argparse.Namespace) -> int:
     import transformers
 
-    from dist_pgkm.checkpoint.inspect import describe
+    from dist_pgkm.checkpoint.summary import describe
     from dist_pgkm.config.finetune import load_finetune_config
     from dist_pgkm.console import finetune_progress
     from dist_pgkm.eval.report import write_report
@@ -725,9 +725,10 @@ def _register_lr2vq_rank(subparsers: Subparsers, parents: list[argparse.Argument
 def _run_inspect(args: argparse.Namespace) -> int:
     from rich.table import Table
 
-    from dist_pgkm.checkpoint.inspect import describe
+    from dist_pgkm.checkpoint.summary import describe
+    from dist_pgkm.checkpoint.verify import verify_enabled
 
-    info = describe(args.dir)
+    info = describe(args.dir, verify=verify_enabled(False if args.no_verify else None))
     table = Table(title=str(args.dir))
     columns = ("layer", "shape", "bs", "K", "used", "extras", "bits/w", "rel SSE", "empty", "s")
     for column in columns:
@@ -755,6 +756,10 @@ def _run_inspect(args: argparse.Namespace) -> int:
         f"bits/parameter, {info.compression_vs_fp16:.2f}x smaller than fp16. "
         "empty = clusters empty at the end / met over all iterations."
     )
+    if info.verified:
+        console.print("model files: sha256 verified against the run's record")
+    elif info.verified is False:
+        console.print("model files: not verified (no manifest.json records their sha256)")
     if args.json is not None:
         write_json_file(args.json, info.as_dict())
     return 0
@@ -776,7 +781,17 @@ def _register_inspect(subparsers: Subparsers, parents: list[argparse.ArgumentPar
     )
     p.add_argument("dir", type=Path, metavar="DIR", help="output directory of quantize")
     p.add_argument("--json", type=Path, metavar="PATH", help="also write the summary as JSON")
+    _add_no_verify(p)
     p.set_defaults(handler=_run_inspect)
+
+
+def _add_no_verify(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="skip checking the model files' sha256 against manifest.json (reads every byte "
+        "once, see docs/format.md; also DIST_PGKM_VERIFY=0)",
+    )
 
 
 def _run_bench_ptq(args: argparse.Namespace) -> int:
@@ -885,6 +900,92 @@ def _run_bench_scaling(args: argparse.Namespace) -> int:
     if args.md is not None:
         scaling.write_markdown(args.md, report, args.md.parent / "scaling.md")
     return 0
+
+
+def _run_bench_fuzz(args: argparse.Namespace) -> int:
+    from dist_pgkm.bench import fuzz  # type: ignore[import-not-found, unused-ignore]
+    from dist_pgkm.bench.common import write_json  # type: ignore[import-not-found, unused-ignore]
+
+    options = fuzz.FuzzOptions(
+        count=args.count,
+        seed=args.seed,
+        timeout=args.timeout,
+        work_dir=args.work_dir,
+        command=shlex.join(["dist-pgkm", *args.argv]),
+    )
+    with _progress() as update:
+        report = fuzz.run_benchmark(options, progress=update)
+    fuzz.render_report(_stdout_console(), report)
+    if args.json is not None:
+        write_json(args.json, report.as_dict())
+    if args.md is not None:
+        fuzz.write_markdown(args.md, report)
+    return 0
+
+
+def _register_bench_fuzz(subparsers: Subparsers, parents: list[argparse.ArgumentParser]) -> None:
+    p = subparsers.add_parser(
+        "fuzz",
+        parents=parents,
+        help="damage checkpoint files at random; count untyped errors, crashes, wrong weights",
+        description=(
+            "Damage a small real checkpoint's merged file and shards COUNT times (header bytes, "
+            "header entries, body bytes, truncation, extension) and run every reader on each: "
+            "load (verified and not), from_pretrained, inspect, shard reads. Goals: 0 untyped "
+            "exceptions, 0 crashes or hangs, 0 verified loads returning another weight."
+        ),
+    )
+    p.add_argument("--count", type=_positive_int, default=1000, help="damaged files to try")
+    p.add_argument("--seed", type=int, default=0, help="seed of the damage")
+    p.add_argument(
+        "--timeout", type=float, default=120.0, help="seconds without progress that make a hang"
+    )
+    p.add_argument("--json", type=Path, metavar="PATH", help="write the report as JSON")
+    p.add_argument(
+        "--md", type=Path, metavar="PATH", help="rewrite the fuzz section of this markdown file"
+    )
+    p.add_argument(
+        "--work-dir", type=Path, default=None, metavar="DIR", help="where the checkpoint goes"
+    )
+    p.set_defaults(handler=_run_bench_fuzz)
+
+
+def _run_bench_kill(args: argparse.Namespace) -> int:
+    from dist_pgkm.bench import killpoints  # type: ignore[import-not-found, unused-ignore]
+    from dist_pgkm.bench.common import write_json  # type: ignore[import-not-found, unused-ignore]
+
+    options = killpoints.KillOptions(
+        points=args.points,
+        merge_points=args.merge_points,
+        seed=args.seed,
+        work_dir=args.work_dir,
+        command=shlex.join(["dist-pgkm", *args.argv]),
+    )
+    with _progress() as update:
+        report = killpoints.run_benchmark(options, progress=update)
+    killpoints.render_report(_stdout_console(), report)
+    if args.json is not None:
+        write_json(args.json, report.as_dict())
+    if args.md is not None:
+        killpoints.write_markdown(args.md, report)
+    return 0
+
+
+def _register_bench_kill(subparsers: Subparsers, parents: list[argparse.ArgumentParser]) -> None:
+    p = subparsers.add_parser(
+        "kill",
+        parents=parents,
+        help="kill -9 quantize runs at random points (some in the merge); resume; same bytes?",
+    )
+    p.add_argument("--points", type=_positive_int, default=20, help="kills")
+    p.add_argument("--merge-points", type=int, default=4, help="of them during the merge")
+    p.add_argument("--seed", type=int, default=0, help="seed of the kill points")
+    p.add_argument("--json", type=Path, metavar="PATH", help="write the report as JSON")
+    p.add_argument(
+        "--md", type=Path, metavar="PATH", help="rewrite the kill section of this markdown file"
+    )
+    p.add_argument("--work-dir", type=Path, default=None, metavar="DIR", help="where runs go")
+    p.set_defaults(handler=_run_bench_kill)
 
 
 def _run_bench_finetune(args: argparse.Namespace) -> int:
@@ -1156,7 +1257,7 @@ def _run_eval(args: argparse.Namespace) -> int:
     auto: Any = transformers.AutoTokenizer
     tokenizer = auto.from_pretrained(str(model_dir))
     if quantized:
-        model = dist_pgkm.load(model_dir)
+        model = dist_pgkm.load(model_dir, verify=False if args.no_verify else None)
     else:
         cls: Any = transformers.AutoModelForCausalLM if task == "ppl" else transformers.AutoModel
         model = cls.from_pretrained(str(model_dir))
@@ -1211,6 +1312,7 @@ def _register_eval(subparsers: Subparsers, parents: list[argparse.ArgumentParser
     p.add_argument("--batch-size", type=_positive_int, default=4, help="windows per forward")
     p.add_argument("--pairs", type=_positive_int, default=1000, help="retrieval queries")
     p.add_argument("--json", type=Path, metavar="PATH", help="write the result as JSON")
+    _add_no_verify(p)
     p.set_defaults(handler=_run_eval)
 
 
@@ -1240,6 +1342,8 @@ _BENCHMARKS: tuple[Callable[[Subparsers, list[argparse.ArgumentParser]], None], 
     _register_bench_scaling,
     _register_bench_finetune,
     _register_bench_dkm,
+    _register_bench_fuzz,
+    _register_bench_kill,
 )
 
 

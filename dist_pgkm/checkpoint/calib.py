@@ -46,6 +46,7 @@ from dist_pgkm.checkpoint.shard import file_sha256
 from dist_pgkm.checkpoint.writer import Entry, write_safetensors
 from dist_pgkm.errors import CheckpointError
 from dist_pgkm.models.calibrate import diagonal_blocks
+from dist_pgkm.utils.safetensors_io import UnreadableFile, read_tensors
 
 __all__ = [
     "CALIB_DIR",
@@ -131,8 +132,6 @@ def read_hessian(
             a tensor that is not ``(groups, g, g)`` float32, or ``block_size`` not dividing
             ``g``.
     """
-    from safetensors import SafetensorError, safe_open
-
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(
@@ -146,13 +145,12 @@ def read_hessian(
             "same command again: the calibration of that layer is redone."
         )
     try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = dict(f.metadata() or {})
-            tensor: torch.Tensor = f.get_tensor(_HESSIAN_KEY).clone()
-    except (SafetensorError, OSError, ValueError) as exc:
+        tensors, meta = read_tensors(path, [_HESSIAN_KEY])
+    except UnreadableFile as exc:
         raise CheckpointError(
-            f"{path}: not a readable calibration file ({exc}). Delete it and run again."
+            f"{path}: not a readable calibration file ({exc.why}). Delete it and run again."
         ) from exc
+    tensor = tensors[_HESSIAN_KEY]
     problems = []
     if meta.get("format") != _FORMAT:
         problems.append(f"format {meta.get('format')!r}")
@@ -312,10 +310,13 @@ class CalibStore:
         record = self._data.get("hidden")
         if record is None:
             return None
-        from safetensors import safe_open
-
-        with safe_open(str(self.dir / record["file"]), framework="pt") as f:
-            tensor: torch.Tensor = f.get_tensor(_HIDDEN_KEY).clone()
+        path = self.dir / record["file"]
+        try:
+            tensor = read_tensors(path, [_HIDDEN_KEY])[0][_HIDDEN_KEY]
+        except UnreadableFile as exc:
+            raise CheckpointError(
+                f"{path}: not a readable calibration file ({exc.why}). Delete it and run again."
+            ) from exc
         return int(record["next_block"]), tensor
 
     # --- writing -------------------------------------------------------------------------------

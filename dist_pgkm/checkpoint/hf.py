@@ -57,8 +57,11 @@ from dist_pgkm.checkpoint.spec import (
     TENSOR_SUFFIXES,
     LayerSpec,
 )
+from dist_pgkm.checkpoint.verify import verification, verify_enabled, verify_files
 from dist_pgkm.errors import CheckpointError, InvalidInputError
+from dist_pgkm.models.hf_keys import key_renamer
 from dist_pgkm.pq.modules import PQConv2d, PQEmbedding, PQLinear, PQModule, pq_module_for
+from dist_pgkm.utils.safetensors_io import UnreadableFile, read_header
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -92,7 +95,6 @@ KINDS: dict[str, type[PQModule]] = {
 """``quantization_config.layers[*].kind`` -> the PQ module that loads it."""
 
 _FLOAT_DTYPES = {"F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2"}
-_MAX_HEADER = 100 << 20  # safetensors' own limit on the JSON header
 _MAX_LISTED = 8  # problems listed in one error message
 _REMERGE = REMERGE
 _FIX = (
@@ -233,25 +235,17 @@ class _TensorInfo:
 def _read_header(path: Path) -> tuple[dict[str, str], dict[str, _TensorInfo]]:
     """The ``__metadata__`` and the tensors' dtypes and shapes of a safetensors file."""
     try:
-        size = path.stat().st_size
-        with path.open("rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            if size < 8 or n > min(_MAX_HEADER, size - 8):
-                raise ValueError(f"header length {n} in a file of {size} bytes")
-            header = json.loads(f.read(n))
-        if not isinstance(header, dict):
-            raise ValueError("the header is not a JSON object")
-        meta = header.pop("__metadata__", None) or {}
-        tensors = {
-            str(key): _TensorInfo(path.name, str(entry["dtype"]), tuple(entry["shape"]))
-            for key, entry in header.items()
-        }
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+        header = read_header(path)
+    except UnreadableFile as exc:
         raise CheckpointError(
-            f"{path}: not a readable safetensors file ({exc}). The file is truncated or "
+            f"{path}: not a readable safetensors file ({exc.why}). The file is truncated or "
             f"corrupt; to rewrite it, {_REMERGE}."
         ) from exc
-    return {str(k): str(v) for k, v in meta.items()}, tensors
+    tensors = {
+        key: _TensorInfo(str(path), entry.dtype, entry.shape)
+        for key, entry in header.tensors.items()
+    }
+    return header.metadata, tensors
 
 
 def _read_headers(
@@ -352,9 +346,13 @@ class PGKMHfQuantizer(HfQuantizer):
     ) -> PreTrainedModel:
         headers = None
         if checkpoint_files:
-            self._where = str(Path(checkpoint_files[0]).parent)
+            directory = Path(checkpoint_files[0]).parent
+            # Problems name the model file, or the directory when there are several files.
+            self._where = str(checkpoint_files[0] if len(checkpoint_files) == 1 else directory)
             headers = _read_headers(checkpoint_files, self.quantization_config.header_metadata)
             self._files = {key: info.file for key, info in headers.items()}
+            if verify_enabled():
+                verify_files(directory, checkpoint_files)
         strict = self._strict(model)
         self._place_modules(model, strict)
         self._rewrite_ties(model)
@@ -605,28 +603,19 @@ class PGKMHfQuantizer(HfQuantizer):
         Checkpoint keys are mapped to the model's with transformers' own renaming rules, so
         the keys found here are the ones ``from_pretrained`` loads.
         """
-        from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import (
-            WeightConverter,
-            WeightRenaming,
-            rename_source_key,
-        )
-
         expected: dict[str, torch.Tensor] = model.state_dict()
-        conversions = get_model_conversion_mapping(model, None, self)
-        renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
-        converters = [c for c in conversions if isinstance(c, WeightConverter)]
+        rename = key_renamer(model, self)
         prefix = getattr(model, "base_model_prefix", None)
         found: dict[str, str] = {}  # model key -> checkpoint key
         unexpected: list[str] = []
         converted: set[str] = set()
         for key in headers:
-            renamed, pattern = rename_source_key(key, renamings, converters, prefix, expected)
+            renamed, by_converter = rename(key, prefix, expected)
             if renamed not in expected and key in expected:  # as transformers does
-                renamed, pattern = rename_source_key(key, [], [], prefix, expected)
+                renamed, by_converter = rename(key, prefix, expected, transforms=False)
             if renamed in expected:
                 found[renamed] = key
-                if pattern is not None:
+                if by_converter:
                     converted.add(renamed)
             else:
                 unexpected.append(key)
@@ -803,6 +792,7 @@ def load(
     dense: bool = False,
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
+    verify: bool | None = None,
 ) -> PreTrainedModel:
     """Load a dist-pgkm checkpoint directory as its transformers model.
 
@@ -814,6 +804,9 @@ def load(
             Codebooks are cast to it like any weight: a float32 model holds fp16/bf16
             codebooks exactly.
         device: Device to load on.
+        verify: Check every model file's sha256 against the one its run recorded
+            (``manifest.json``) before loading; reads every byte once. Default: on, unless
+            ``$DIST_PGKM_VERIFY`` is ``0`` (:mod:`dist_pgkm.checkpoint.verify`).
 
     Returns:
         The model of the class named in config.json ``architectures``, in eval mode, with
@@ -822,7 +815,8 @@ def load(
 
     Raises:
         CheckpointError: The directory is not a valid dist-pgkm checkpoint of this format
-            version, or its architecture is unknown to the installed transformers.
+            version, a model file differs from the sha256 its run recorded, or its
+            architecture is unknown to the installed transformers.
     """
     import transformers
 
@@ -841,10 +835,14 @@ def load(
             f"{transformers.__version__}. Upgrade transformers, or load the directory with "
             "transformers.AutoModel*.from_pretrained after `import dist_pgkm`."
         )
+    # Every header checked here, before transformers opens a file: a damaged one is named.
+    version = str(config["quantization_config"]["format_version"])
+    _read_headers(files, {"quant_method": QUANT_METHOD, "dist_pgkm_format": version})
     kwargs: dict[str, Any] = {"dtype": dtype or _default_dtype(config, files)}
     if torch.device(device).type != "cpu":
         kwargs["device_map"] = {"": torch.device(device)}
-    model = cls.from_pretrained(path, **kwargs)
+    with verification(verify):
+        model = cls.from_pretrained(path, **kwargs)
     if dense:
         model = model.dequantize()
     return model  # type: ignore[no-any-return]

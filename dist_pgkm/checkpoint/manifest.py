@@ -168,6 +168,48 @@ class Manifest:
         manifest.save()
         return manifest
 
+    @classmethod
+    def read(cls, out_dir: Path) -> Manifest | None:
+        """The manifest of ``out_dir`` as it is, to report on it (no run is started or checked).
+
+        Returns:
+            The manifest, or None when ``out_dir`` has none.
+
+        Raises:
+            CheckpointError: The manifest is unreadable or not one this dist-pgkm writes.
+        """
+        path = Path(out_dir) / MANIFEST_NAME
+        if not path.is_file():
+            return None
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            valid = (
+                isinstance(data, dict)
+                and isinstance(data["fingerprint"], dict)
+                and isinstance(data["layers"], dict)
+                and all(isinstance(r, dict) for r in data["layers"].values())
+            )
+            if not valid:
+                raise ValueError("not a manifest of fingerprint and layers")
+            for record in data["layers"].values():
+                LayerRecord(**record)
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+            raise CheckpointError(
+                f"{path} is unreadable ({exc}). It was not written by this tool, or was "
+                "edited: restore it, or quantize again into a new --out directory."
+            ) from exc
+        if data.get("format_version") != MANIFEST_VERSION:
+            raise CheckpointError(
+                f"{path}: manifest version {data.get('format_version')!r}, this dist-pgkm "
+                f"reads {MANIFEST_VERSION}. Use the dist-pgkm version that wrote it."
+            )
+        return cls(Path(out_dir), data)
+
+    def run_option(self, key: str) -> Any:
+        """A config option the run was started with (None when it does not record it)."""
+        config = self.data["fingerprint"].get("config")
+        return config.get(key) if isinstance(config, dict) else None
+
     def save(self) -> None:
         atomic_write_json(self.path, self.data)
 

@@ -23,6 +23,7 @@ from dist_pgkm.checkpoint.writer import Entry, plan_files, write_safetensors
 from dist_pgkm.errors import CheckpointError
 from dist_pgkm.models.source import ModelSource
 from dist_pgkm.utils.dtypes import SAFETENSORS_DTYPES
+from dist_pgkm.utils.safetensors_io import UnreadableFile, read_header, read_tensors
 
 __all__ = ["CHECKPOINT_METADATA", "QuantizedLayer", "merge_checkpoint", "read_shard_header"]
 
@@ -48,27 +49,24 @@ def read_shard_header(
     path: Path,
 ) -> tuple[dict[str, str], dict[str, tuple[torch.dtype, tuple[int, ...]]]]:
     """A shard's metadata and its tensors' dtypes and shapes, without reading the data."""
-    from safetensors import SafetensorError, safe_open
-
     try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = dict(f.metadata() or {})
-            info = {}
-            for key in f.keys():  # noqa: SIM118 (not a dict)
-                piece = f.get_slice(key)
-                info[key] = (SAFETENSORS_DTYPES[piece.get_dtype()], tuple(piece.get_shape()))
-    except (SafetensorError, OSError, ValueError, KeyError) as exc:
-        raise CheckpointError(f"{path}: unreadable shard ({exc}). Run again to redo it.") from exc
-    return meta, info
+        header = read_header(path)
+    except UnreadableFile as exc:
+        raise CheckpointError(
+            f"{path}: unreadable shard ({exc.why}). Run again to redo it."
+        ) from exc
+    info = {key: (entry.torch_dtype, entry.shape) for key, entry in header.tensors.items()}
+    return header.metadata, info
 
 
 def _shard_reader(path: Path, key: str) -> Callable[[], torch.Tensor]:
     def read() -> torch.Tensor:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            tensor: torch.Tensor = f.get_tensor(key)
-        return tensor
+        try:
+            return read_tensors(path, [key])[0][key]
+        except UnreadableFile as exc:
+            raise CheckpointError(
+                f"{path}: unreadable shard ({exc.why}). Run again to redo it."
+            ) from exc
 
     return read
 

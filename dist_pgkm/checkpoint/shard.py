@@ -29,6 +29,7 @@ from dist_pgkm.pq.layout import side_problems
 from dist_pgkm.pq.pack import bits_for, pack_codes, unpack_codes
 from dist_pgkm.pq.quantize import QuantizedWeight
 from dist_pgkm.utils.dtypes import SAFETENSORS_DTYPES
+from dist_pgkm.utils.safetensors_io import UnreadableFile, read_header, read_tensors
 
 __all__ = [
     "FORMAT_VERSION",
@@ -267,8 +268,6 @@ def read_shard(
     Raises:
         CheckpointError: Missing file, checksum mismatch, or a header safetensors rejects.
     """
-    from safetensors import SafetensorError, safe_open
-
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such shard. Run the same command again to redo it.")
@@ -278,11 +277,10 @@ def read_shard(
             "written). Delete it; a resumed run redoes the layer."
         )
     try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = dict(f.metadata() or {})
-            tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (not a dict)
-    except (SafetensorError, OSError, ValueError) as exc:
+        read_header(path)  # the format's rules, and a truncated or extended file, first
+        tensors, meta = read_tensors(path)
+    except UnreadableFile as exc:
         raise CheckpointError(
-            f"{path}: not a readable safetensors file ({exc}). Delete it and run again."
+            f"{path}: not a readable safetensors file ({exc.why}). Delete it and run again."
         ) from exc
     return tensors, meta

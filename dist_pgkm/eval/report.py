@@ -1,6 +1,6 @@
 """The run report of ``dist-pgkm quantize``: ``report.json`` and PNG plots beside it.
 
-Everything in it is computed from the checkpoint (:func:`dist_pgkm.checkpoint.inspect.describe`)
+Everything in it is computed from the checkpoint (:func:`dist_pgkm.checkpoint.summary.describe`)
 and the run's own summary; nothing is typed in.
 """
 
@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from dist_pgkm.checkpoint.atomic import atomic_write_json
-from dist_pgkm.checkpoint.inspect import CheckpointSummary
+from dist_pgkm.checkpoint.summary import CheckpointSummary
 
 __all__ = ["write_report"]
 

@@ -608,6 +608,35 @@ def _load_module_zero3(src: dict[str, torch.Tensor], dst: nn.Module) -> None:
         )
 
 
+def _deepspeed_data_classes() -> list[Any]:
+    """The DeepSpeed classes its checkpoints hold beyond tensors and plain data (ZeRO-2/3
+    optimizer states): plain records, safe to rebuild, and nothing else is allowed."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+def _load_weights_only(path: str, map_location: Any = None) -> Any:
+    """``torch.load`` with ``weights_only=True``: tensors, plain data and the DeepSpeed records
+    above; any other object in the file is refused before it is built, so nothing in it runs."""
+    import pickle
+
+    try:
+        with torch.serialization.safe_globals(_deepspeed_data_classes()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(
+            f"{path} holds Python objects beyond tensors and plain data ({first[:200]}); "
+            "dist-pgkm never unpickles those, since that can run code from the file. The "
+            "checkpoint was not written by dist-pgkm's DeepSpeed, or was replaced. If the "
+            "directory is not yours, do not use it; otherwise delete its deepspeed/ folder to "
+            "restart the current stage from its start, or use a new --out directory."
+        ) from exc
+
+
 def load_checkpoint(
     engine: Any, directory: Path, prefix: str = ""
 ) -> tuple[str, dict[str, Any]] | None:
@@ -615,7 +644,9 @@ def load_checkpoint(
 
     Restores the module, the optimizer (partitions) and the LR scheduler. A checkpoint that
     DeepSpeed wrote but the marker does not list (a crash before it was recorded) is never
-    loaded.
+    loaded. Nothing is unpickled beyond tensors, plain data and three DeepSpeed records (its
+    loss scaler, ZeRO stage and fragment addresses): DeepSpeed's own ``torch.load`` with
+    ``weights_only=False`` would run any code a replaced file carries.
 
     Args:
         engine: From :func:`build_engine`.
@@ -628,14 +659,19 @@ def load_checkpoint(
         holds no complete checkpoint.
 
     Raises:
-        CheckpointError: The marker is unreadable or names a missing checkpoint, or DeepSpeed
-            cannot load it (e.g. written for another model or ZeRO layout).
+        CheckpointError: The marker is unreadable or names a missing checkpoint, a file holds
+            other Python objects (refused unbuilt), or DeepSpeed cannot load it (e.g. written
+            for another model or ZeRO layout).
     """
     info = _info(engine)
     directory = Path(directory)
     tag = latest_checkpoint(directory, prefix)
     if tag is None:
         return None
+    # DeepSpeed reads its files through its checkpoint engine, whose torch.load unpickles
+    # anything (weights_only=False): this engine's reads go through _load_weights_only instead.
+    checkpoint_engine = engine.checkpoint_engine
+    checkpoint_engine.load = _load_weights_only
     try:
         path, state = engine.load_checkpoint(
             str(directory),
@@ -645,12 +681,16 @@ def load_checkpoint(
             load_lr_scheduler_states=True,
             custom_load_fn=_load_module_zero3 if info.zero_stage == 3 else None,
         )
+    except CheckpointError:
+        raise
     except (RuntimeError, KeyError, ValueError, OSError) as exc:
         raise CheckpointError(
             f"checkpoint {directory / tag} cannot be loaded into this model ({exc}); it was "
             "written for another model, stage or ZeRO layout. Use another directory or delete "
             "it to start over."
         ) from exc
+    finally:
+        del checkpoint_engine.load  # the class's own again
     if path is None or not isinstance(state, dict) or _CLIENT_KEY not in state:
         raise CheckpointError(
             f"checkpoint {directory / tag} is incomplete or was not written by dist-pgkm; delete "

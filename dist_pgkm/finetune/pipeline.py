@@ -51,6 +51,7 @@ from dist_pgkm.checkpoint.atomic import atomic_write_json, exclusive_run
 from dist_pgkm.checkpoint.merge import QuantizedLayer, merge_checkpoint
 from dist_pgkm.checkpoint.shard import decode_layer, encode_layer, read_shard, write_shard
 from dist_pgkm.checkpoint.spec import TENSOR_SUFFIXES
+from dist_pgkm.checkpoint.verify import FINETUNE_STATE_NAME
 from dist_pgkm.config.finetune import FinetuneConfig
 from dist_pgkm.config.quantize import LayerRule, QuantizeConfig
 from dist_pgkm.distributed.coordinator import package_version, quantize_model, shard_path
@@ -70,7 +71,7 @@ __all__ = ["FinetuneSummary", "StepReport", "finetune_model", "stage_layers"]
 
 logger = logging.getLogger(__name__)
 
-STATE_NAME = "finetune.json"
+STATE_NAME = FINETUNE_STATE_NAME
 STATE_VERSION = 1
 
 

@@ -1,2 +1,2 @@
-"""Model sources (today: the real models installable offline; next: HF dirs, safetensors and
-GGUF files read lazily)."""
+"""Model sources read lazily (HF dirs, safetensors and GGUF files), layer selection, the real
+models installable offline, and calibration."""

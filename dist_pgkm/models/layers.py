@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from dist_pgkm.errors import ModelSourceError
+from dist_pgkm.models.hf_keys import key_renamer
 from dist_pgkm.models.source import ModelSource, TensorInfo
 
 __all__ = ["LayerInfo", "LayerKind", "build_meta_model", "checkpoint_keys", "find_layers"]
@@ -334,31 +335,13 @@ def _transformers_renaming(model: nn.Module) -> Callable[[str], str | None]:
     """Return checkpoint key -> model key per transformers' conversion mapping.
 
     The callable returns None for a key that a WeightConverter transforms (not a pure
-    rename). transformers' loading internals may move between versions: without them, keys
-    are taken as they are.
+    rename). The base-model prefix is handled by the caller, version-independently.
     """
-    try:
-        from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import (
-            WeightConverter,
-            WeightRenaming,
-            rename_source_key,
-        )
-    except ImportError:
-        logger.warning(
-            "This transformers version has no checkpoint conversion mapping; checkpoint keys "
-            "are matched with module names as they are"
-        )
-        return lambda key: key
-    pretrained: Any = model  # a transformers PreTrainedModel, built by build_meta_model
-    transforms = get_model_conversion_mapping(pretrained)
-    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
-    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    renamer = key_renamer(model)
 
     def rename(key: str) -> str | None:
-        # No prefix arguments: the prefix is handled by the caller, version-independently.
-        name, converter_pattern = rename_source_key(key, renamings, converters)
-        return None if converter_pattern is not None else str(name)
+        name, converted = renamer(key)
+        return None if converted else name
 
     return rename
 

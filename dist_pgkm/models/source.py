@@ -15,8 +15,8 @@ Pickle checkpoints (``pytorch_model.bin``, ``*.pt``) are refused: unpickling can
 
 Opening a source reads only the safetensors headers (a few KB to MB per file), which are parsed
 and checked here: a truncated or corrupt file is reported at open, naming the file. Tensor data
-is read one tensor at a time by :meth:`ModelSource.read`, through ``safetensors.safe_open``
-(imported lazily: ``import dist_pgkm`` does not import safetensors).
+is read one tensor at a time by :meth:`ModelSource.read`. Both go through
+:mod:`dist_pgkm.utils.safetensors_io`, the one boundary to safetensors.
 """
 
 from __future__ import annotations
@@ -25,8 +25,6 @@ import difflib
 import hashlib
 import json
 import logging
-import math
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +33,7 @@ import torch
 
 from dist_pgkm.errors import ModelSourceError
 from dist_pgkm.utils.dtypes import SAFETENSORS_DTYPES
+from dist_pgkm.utils.safetensors_io import UnknownDtype, UnreadableFile, read_header, read_tensors
 
 __all__ = ["ModelSource", "TensorInfo", "open_source"]
 
@@ -43,8 +42,6 @@ logger = logging.getLogger(__name__)
 _SINGLE_FILE = "model.safetensors"
 _INDEX_FILE = "model.safetensors.index.json"
 _CONFIG_FILE = "config.json"
-# safetensors refuses headers above 100 MB; a larger length prefix means a corrupt file.
-_MAX_HEADER_BYTES = 100_000_000
 _FINGERPRINT_BYTES = 1 << 20
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # Files worth copying next to a quantized model: tokenizers, processors, generation settings,
@@ -150,17 +147,13 @@ class ModelSource:
                 f"{self.path} has no tensor {name!r} ({len(self._tensors)} tensors in "
                 f"{len(self.files)} file(s)).{hint} List the keys with `.tensors()`."
             )
-        from safetensors import SafetensorError, safe_open
-
         try:
             # One handle per read: opening costs ~0.5 ms (the header is parsed again), and
             # nothing is left open between reads, so reads are safe from any thread.
-            with safe_open(info.file, framework="pt") as fh:
-                # get_tensor returns a view into the file's mmap: copy it into memory we own.
-                tensor: torch.Tensor = fh.get_tensor(name).clone()
-        except (SafetensorError, OSError) as exc:
+            tensor = read_tensors(info.file, [name])[0][name]
+        except UnreadableFile as exc:
             raise ModelSourceError(
-                f"Cannot read tensor {name!r} from {info.file}: {exc}. The file changed or "
+                f"Cannot read tensor {name!r} from {info.file}: {exc.why}. The file changed or "
                 f"became unreadable after the source was opened; open the source again."
             ) from exc
         if tensor.dtype != info.dtype or tuple(tensor.shape) != info.shape:
@@ -429,81 +422,24 @@ def _read_header(file: Path) -> tuple[bytes, dict[str, TensorInfo]]:
         The raw header bytes (8-byte length prefix and JSON) and the tensors, sorted by key.
     """
     try:
-        size = file.stat().st_size
-        with file.open("rb") as fh:
-            prefix = fh.read(8)
-            if len(prefix) < 8:
-                raise _corrupt(file, f"it has {size} bytes, fewer than a safetensors header")
-            (header_len,) = struct.unpack("<Q", prefix)
-            if header_len > _MAX_HEADER_BYTES or 8 + header_len > size:
-                raise _corrupt(
-                    file,
-                    f"its first 8 bytes announce a {header_len}-byte header, but the file "
-                    f"has {size} bytes",
-                )
-            raw = fh.read(header_len)
-    except OSError as exc:
+        header = read_header(file)
+    except UnknownDtype as exc:
         raise ModelSourceError(
-            f"Cannot read {file}: {exc}. Check that the file exists and is readable."
-        ) from exc
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise _corrupt(file, f"its header is not valid JSON ({exc})") from exc
-    if not isinstance(header, dict):
-        raise _corrupt(file, "its header is not a JSON object")
-    header.pop("__metadata__", None)
-
-    data_size = size - 8 - header_len
-    infos: dict[str, TensorInfo] = {}
-    spans: list[tuple[int, int, str]] = []
-    for name in sorted(header):
-        info, begin, end = _parse_entry(file, name, header[name])
-        infos[name] = info
-        spans.append((begin, end, name))
-    # The format requires the tensors to tile the data section exactly.
-    expected = 0
-    for begin, end, name in sorted(spans):
-        if begin != expected:
-            raise _corrupt(file, f"tensor {name!r} starts at byte {begin}, not {expected}")
-        expected = end
-    if expected != data_size:
-        problem = "truncated" if expected > data_size else "longer than its header says"
-        raise _corrupt(
-            file,
-            f"its header describes {expected} bytes of tensor data but the file holds "
-            f"{data_size}: it is {problem}",
-        )
-    return prefix + raw, infos
-
-
-def _parse_entry(file: Path, name: str, entry: Any) -> tuple[TensorInfo, int, int]:
-    if not isinstance(entry, dict):
-        raise _corrupt(file, f"the header entry of {name!r} is not an object")
-    dtype_name, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if not (
-        isinstance(shape, list)
-        and all(isinstance(n, int) and n >= 0 for n in shape)
-        and isinstance(offsets, list)
-        and len(offsets) == 2
-        and all(isinstance(n, int) for n in offsets)
-    ):
-        raise _corrupt(file, f"the header entry of {name!r} has no valid shape and offsets")
-    dtype = SAFETENSORS_DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None
-    if dtype is None:
-        raise ModelSourceError(
-            f"Tensor {name!r} in {file} has dtype {dtype_name!r}, which dist-pgkm cannot read "
+            f"Tensor {exc.key!r} in {file} has dtype {exc.dtype!r}, which dist-pgkm cannot read "
             f"(known: {', '.join(SAFETENSORS_DTYPES)}). Convert the checkpoint to one of those "
             "dtypes."
-        )
-    begin, end = offsets
-    if end - begin != math.prod(shape) * dtype.itemsize:
-        raise _corrupt(
-            file,
-            f"tensor {name!r} ({dtype_name}, shape {shape}) spans {end - begin} bytes instead "
-            f"of {math.prod(shape) * dtype.itemsize}",
-        )
-    return TensorInfo(name, tuple(shape), dtype, file), begin, end
+        ) from exc
+    except UnreadableFile as exc:
+        if isinstance(exc.__cause__, OSError):
+            raise ModelSourceError(
+                f"Cannot read {file}: {exc.__cause__}. Check that the file exists and is readable."
+            ) from exc
+        raise _corrupt(file, exc.why) from exc
+    infos = {
+        name: TensorInfo(name, entry.shape, entry.torch_dtype, file)
+        for name, entry in header.tensors.items()
+    }
+    return header.raw, infos
 
 
 def _corrupt(file: Path, why: str) -> ModelSourceError:

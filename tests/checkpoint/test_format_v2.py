@@ -26,9 +26,9 @@ from safetensors.torch import load_file, save_file
 
 import dist_pgkm
 from dist_pgkm.checkpoint import decode_layer, encode_layer, read_shard, write_shard
-from dist_pgkm.checkpoint.inspect import describe
 from dist_pgkm.checkpoint.merge import QuantizedLayer, merge_checkpoint
 from dist_pgkm.checkpoint.shard import layer_spec
+from dist_pgkm.checkpoint.summary import describe
 from dist_pgkm.config.quantize import LayerQuantOptions
 from dist_pgkm.errors import CheckpointError
 from dist_pgkm.models.offline import smollm2_dir

@@ -535,7 +535,7 @@ def test_format_1_checkpoints_load_and_describe_as_before(
     """Every checkpoint of this module is format 1 (as dist-pgkm wrote before format 2): it
     loads, saves back as format 1 (test_save_pretrained_round_trips), and its sizes are the
     format-1 ones: packed codes plus one codebook, nothing else."""
-    from dist_pgkm.checkpoint.inspect import describe
+    from dist_pgkm.checkpoint.summary import describe
     from dist_pgkm.pq import bits_per_weight
 
     info = describe(tiny[0])

@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from dist_pgkm.checkpoint.inspect import describe
+from dist_pgkm.checkpoint.summary import describe
 from dist_pgkm.config import load_config
 from dist_pgkm.config.quantize import QuantizeConfig
 from dist_pgkm.distributed.coordinator import quantize_model

@@ -367,3 +367,40 @@ def test_importing_the_engine_does_not_import_deepspeed() -> None:
         [sys.executable, "-c", code], check=True, capture_output=True, text=True, timeout=120
     )
     assert out.stdout.strip() == "False"
+
+
+class _Payload:
+    """Unpickling this creates ``marker``: what a malicious checkpoint file could do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        return (Path.touch, (self.marker,))
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_resume_never_unpickles_code_from_the_directory(
+    process_group: tuple[int, int], stage: int, tmp_path: Path
+) -> None:
+    """Issue 18 item 4: DeepSpeed's own load (``torch.load(weights_only=False)``) would run it."""
+    ds, train = options(stage)
+    model, _ = tiny_llama()
+    engine = E.build_engine(model, groups(model, 1e-2, 1e-1), ds, train)
+    E.save_checkpoint(engine, tmp_path / "ckpt", "a", {"step": 0})
+    E.close(engine)
+    marker = tmp_path / "pwned"
+    for path in sorted((tmp_path / "ckpt" / "a").iterdir()):
+        state = torch.load(path, weights_only=False)  # our own file, written above
+        state["extra"] = _Payload(marker)
+        torch.save(state, path)
+    # The old failure: loading as DeepSpeed does runs the payload.
+    torch.load(path, weights_only=False)
+    assert marker.exists()
+    marker.unlink()
+    model, _ = tiny_llama()
+    engine = E.build_engine(model, groups(model, 1e-2, 1e-1), ds, train)
+    with pytest.raises(CheckpointError, match=r"holds Python objects .* never unpickles"):
+        E.load_checkpoint(engine, tmp_path / "ckpt")
+    assert not marker.exists()
+    E.close(engine)

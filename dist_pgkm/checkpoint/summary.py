@@ -13,12 +13,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dist_pgkm.checkpoint.manifest import MANIFEST_NAME
+from dist_pgkm.checkpoint.manifest import MANIFEST_NAME, Manifest
 from dist_pgkm.checkpoint.merge import read_shard_header
 from dist_pgkm.checkpoint.shard import layer_spec
 from dist_pgkm.checkpoint.spec import CENTROID_DTYPES, REMERGE, TENSOR_SUFFIXES, LayerSpec
+from dist_pgkm.checkpoint.verify import verify_files
 from dist_pgkm.errors import CheckpointError
 from dist_pgkm.utils.dtypes import element_bytes
+from dist_pgkm.utils.safetensors_io import UnreadableFile, read_header
 
 __all__ = ["CheckpointSummary", "LayerSummary", "describe"]
 
@@ -88,6 +90,7 @@ class CheckpointSummary:
     float_params: int = 0  # floating-point tensors stored as they are
     float_bytes: int = 0  # every unquantized tensor, integer buffers included
     checkpoint_bytes: int = 0
+    verified: bool | None = None  # sha256 checked against the run's record (None: not asked)
 
     @property
     def quantized_params(self) -> int:
@@ -134,6 +137,7 @@ class CheckpointSummary:
             "bits_per_weight": self.bits_per_weight,
             "model_bits_per_param": self.model_bits_per_param,
             "compression_vs_fp16": self.compression_vs_fp16,
+            "verified": self.verified,
             "empty_final": sum(layer.empty_final or 0 for layer in self.layers),
             "empty_total": sum(layer.empty_total or 0 for layer in self.layers),
             "layers": [
@@ -149,41 +153,84 @@ def _natural(name: str) -> list[int | str]:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise CheckpointError(
+            f"{path}: unreadable ({exc}); it was damaged or edited. To rewrite it, {REMERGE}."
+        ) from exc
+    return data
+
+
+_STATS = ("sse", "weight_sq", "empty_after_init", "empty_total", "empty_final")
+
+
+def _shard_stats(meta: dict[str, str], shard: Path) -> dict[str, float | int | None]:
+    """The clustering statistics a shard's header records (informative: a value that is not
+    a number is left out)."""
+    try:
+        raw = json.loads(meta.get("stats", "{}"))
+        if not isinstance(raw, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as exc:
+        raise CheckpointError(
+            f"{shard}: header entry 'stats' is malformed ({exc}). The shard is corrupt; delete "
+            "it and run the same `dist-pgkm quantize` command again to redo the layer."
+        ) from exc
+    return {
+        key: value
+        for key in _STATS
+        if isinstance(value := raw.get(key), int | float) and not isinstance(value, bool)
+    }
+
+
 def _model_files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(v, str) for v in weight_map.values()
+        ):
+            raise CheckpointError(
+                f"{index}: no weight_map of file names. To rewrite it, {REMERGE}."
+            )
         return [path / name for name in sorted(set(weight_map.values()))]
     return [path / "model.safetensors"]
 
 
-def describe(path: str | Path) -> CheckpointSummary:
+def describe(path: str | Path, verify: bool = False) -> CheckpointSummary:
     """Summarise a merged checkpoint directory (or, before the merge, a run's shards).
 
+    Args:
+        path: The checkpoint or run directory.
+        verify: Also check the model files' sha256 against the run's record
+            (:func:`~dist_pgkm.checkpoint.verify.verify_files`; ``dist-pgkm inspect`` does).
+
     Raises:
-        CheckpointError: ``path`` is not a dist-pgkm checkpoint or run directory.
+        CheckpointError: ``path`` is not a dist-pgkm checkpoint or run directory, a file is
+            unreadable, or (with ``verify``) a model file differs from its recorded sha256.
     """
     path = Path(path)
     config_path = path / "config.json"
-    manifest_path = path / MANIFEST_NAME
-    manifest: dict[str, Any] = {}
-    if manifest_path.is_file():
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    if not config_path.is_file() and not manifest:
+    manifest = Manifest.read(path)
+    if not config_path.is_file() and manifest is None:
         raise CheckpointError(
             f"{path}: neither config.json nor {MANIFEST_NAME} found; not a dist-pgkm checkpoint. "
             "Pass the --out directory of `dist-pgkm quantize`."
         )
     qconfig: dict[str, Any] = {}
     if config_path.is_file():
-        qconfig = json.loads(config_path.read_text(encoding="utf-8")).get("quantization_config", {})
+        qconfig = _read_json(config_path).get("quantization_config", {})
     if config_path.is_file() and qconfig.get("quant_method") != "pgkm":
         raise CheckpointError(
             f"{config_path}: no pgkm quantization_config; this is not a dist-pgkm checkpoint."
         )
-    records = manifest.get("layers", {})
+    records = manifest.layers if manifest is not None else {}
     centroid_dtype = qconfig.get(
-        "centroid_dtype", manifest.get("fingerprint", {}).get("config", {}).get("centroid_dtype")
+        "centroid_dtype", manifest.run_option("centroid_dtype") if manifest is not None else None
     )
     if centroid_dtype not in CENTROID_DTYPES:
         raise CheckpointError(
@@ -201,11 +248,11 @@ def describe(path: str | Path) -> CheckpointSummary:
             spec = LayerSpec.parse(raw, version, where, f"To rewrite it, {REMERGE}.")
         stats: dict[str, Any] = {}
         record = records.get(name)
-        if record is not None and (path / record["shard"]).is_file():
-            meta, _ = read_shard_header(path / record["shard"])
-            stats = json.loads(meta.get("stats", "{}"))
+        if record is not None and (path / record.shard).is_file():
+            meta, _ = read_shard_header(path / record.shard)
+            stats = _shard_stats(meta, path / record.shard)
             if spec is None:
-                spec = layer_spec(meta, str(path / record["shard"]))
+                spec = layer_spec(meta, str(path / record.shard))
         if spec is None:
             continue
         summary.layers.append(
@@ -231,27 +278,31 @@ def describe(path: str | Path) -> CheckpointSummary:
                 empty_after_init=stats.get("empty_after_init"),
                 empty_total=stats.get("empty_total"),
                 empty_final=stats.get("empty_final"),
-                seconds=record["seconds"] if record else None,
+                seconds=record.seconds if record else None,
                 tied=tuple(t for t, owner in tied.items() if owner == name),
             )
         )
     files = _model_files(path)
     if all(f.is_file() for f in files) and config_path.is_file():
-        from safetensors import safe_open
-
         quantized_keys = {
             f"{layer.name}.{suffix}" for layer in summary.layers for suffix in TENSOR_SUFFIXES
         }
+        if verify:
+            summary.verified = verify_files(path, files)
         for file in files:
-            summary.checkpoint_bytes += file.stat().st_size
-            with safe_open(str(file), framework="pt") as f:
-                for key in f.keys():  # noqa: SIM118 (not a dict)
-                    if key in quantized_keys:
-                        continue
-                    piece = f.get_slice(key)
-                    numel = math.prod(piece.get_shape())
-                    dtype = piece.get_dtype()
-                    summary.float_bytes += numel * element_bytes(dtype)
-                    if dtype.startswith(("F", "BF")):  # integer buffers are not parameters
-                        summary.float_params += numel
+            try:
+                header = read_header(file)
+            except UnreadableFile as exc:
+                raise CheckpointError(
+                    f"{file}: not a readable safetensors file ({exc.why}). The file is "
+                    f"truncated or corrupt; to rewrite it, {REMERGE}."
+                ) from exc
+            summary.checkpoint_bytes += header.size
+            for key, entry in header.tensors.items():
+                if key in quantized_keys:
+                    continue
+                numel = math.prod(entry.shape)
+                summary.float_bytes += numel * element_bytes(entry.dtype)
+                if entry.dtype.startswith(("F", "BF")):  # integer buffers are not parameters
+                    summary.float_params += numel
     return summary
