@@ -220,7 +220,7 @@ def _register_bench_kmeans(subparsers: Subparsers, parents: list[argparse.Argume
         type=_positive_int,
         default=None,
         metavar="N",
-        help=f"torch and faiss threads (default: all {os.cpu_count()} cores)",
+        help="torch and faiss threads (default: the cores this process may use)",
     )
     # Hidden: restrict to some data sets by name or shell pattern (tests, investigations).
     p.add_argument("--datasets", type=_pattern_list, default=(), help=argparse.SUPPRESS)
@@ -277,7 +277,10 @@ def _run_quantize(args: argparse.Namespace) -> int:
     from dist_pgkm.config.quantize import load_config
     from dist_pgkm.console import quantize_progress, worker_summary_lines
     from dist_pgkm.distributed.coordinator import quantize_model
+    from dist_pgkm.utils.threads import set_threads
 
+    # The in-process path clusters here: one thread per core this process really gets.
+    set_threads()
     config = load_config(
         args.config, method=args.method, seed=args.seed, convention=args.convention
     )
