@@ -167,6 +167,18 @@ def _run_bench_kmeans(args: argparse.Namespace) -> int:
     from dist_pgkm.bench import kmeans  # type: ignore[import-not-found, unused-ignore]
     from dist_pgkm.bench.common import write_json  # type: ignore[import-not-found, unused-ignore]
 
+    if args.aware:
+        aware = kmeans.AwareOptions(
+            threads=args.threads, command=shlex.join(["dist-pgkm", *args.argv])
+        )
+        with _progress() as update:
+            doc = kmeans.run_aware(aware, progress=update)
+        _stdout_console().print(kmeans.aware_markdown(doc), markup=False, highlight=False)
+        if args.json is not None:
+            write_json(args.json, doc)
+        if args.md is not None:
+            kmeans.write_aware_markdown(args.md, doc)
+        return 0
     options = kmeans.BenchOptions(
         quick=args.quick,
         n_iter=args.n_iter,
@@ -221,6 +233,14 @@ def _register_bench_kmeans(subparsers: Subparsers, parents: list[argparse.Argume
         default=None,
         metavar="N",
         help="torch and faiss threads (default: the cores this process may use)",
+    )
+    p.add_argument(
+        "--aware",
+        action="store_true",
+        help=(
+            "instead: time quantize with metric: hessian against metric: weight per SmolLM2 "
+            "layer shape at the llm-4bit/3bit/2bit settings (section kmeans-aware of --md)"
+        ),
     )
     # Hidden: restrict to some data sets by name or shell pattern (tests, investigations).
     p.add_argument("--datasets", type=_pattern_list, default=(), help=argparse.SUPPRESS)
