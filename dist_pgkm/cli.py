@@ -167,6 +167,14 @@ def _run_bench_kmeans(args: argparse.Namespace) -> int:
     from dist_pgkm.bench import kmeans  # type: ignore[import-not-found, unused-ignore]
     from dist_pgkm.bench.common import write_json  # type: ignore[import-not-found, unused-ignore]
 
+    if args.hog:
+        doc = kmeans.run_hog()
+        _stdout_console().print(kmeans.hog_markdown(doc), markup=False, highlight=False)
+        if args.json is not None:
+            write_json(args.json, doc)
+        if args.md is not None:
+            kmeans.write_hog_markdown(args.md, doc)
+        return 0
     if args.aware:
         aware = kmeans.AwareOptions(
             threads=args.threads, command=shlex.join(["dist-pgkm", *args.argv])
@@ -240,6 +248,14 @@ def _register_bench_kmeans(subparsers: Subparsers, parents: list[argparse.Argume
         help=(
             "instead: time quantize with metric: hessian against metric: weight per SmolLM2 "
             "layer shape at the llm-4bit/3bit/2bit settings (section kmeans-aware of --md)"
+        ),
+    )
+    p.add_argument(
+        "--hog",
+        action="store_true",
+        help=(
+            "instead: quantize MiniLM in-process and on 2 Ray workers, each beside a CPU hog "
+            "(section kmeans-hog of --md; run it under flock when Ray is shared)"
         ),
     )
     # Hidden: restrict to some data sets by name or shell pattern (tests, investigations).
