@@ -42,7 +42,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from dist_pgkm.config.quantize import LayerRule, load_config
-from dist_pgkm.errors import ConfigError, ModelSourceError
+from dist_pgkm.errors import ConfigError, DistributedError, ModelSourceError
 from dist_pgkm.models.offline import minilm_dir, smollm2_dir
 from dist_pgkm.pgkm.api import METHODS, cluster
 from dist_pgkm.pq.codec import to_subvectors
@@ -1378,10 +1378,13 @@ def run_hog(
                 out = Path(tmp) / "q"
                 load = os.getloadavg()[0]
                 t0, c0 = time.perf_counter(), time.process_time()
-                quantize_model(model, config, out, workers=n_workers)
+                try:
+                    quantize_model(model, config, out, workers=n_workers)
+                    digest = hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest()
+                except DistributedError as exc:  # e.g. Ray workers not placed on a busy machine
+                    digest = f"failed: {exc}"
                 seconds = time.perf_counter() - t0
                 cpu = time.process_time() - c0
-                digest = hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest()
         finally:
             for proc in procs:
                 proc.kill()
