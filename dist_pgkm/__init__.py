@@ -11,10 +11,15 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
-from dist_pgkm.checkpoint.hf_hook import install as _install_transformers_hook
-from dist_pgkm.errors import DistPGKMError
-from dist_pgkm.kmeans.types import KMeansResult, KMeansStats
-from dist_pgkm.pgkm.api import cluster
+# Before anything imports torch: idle OpenMP threads must sleep, not spin (utils/threads.py).
+from dist_pgkm.utils.threads import passive_wait
+
+passive_wait()
+
+from dist_pgkm.checkpoint.hf_hook import install as _install_transformers_hook  # noqa: E402
+from dist_pgkm.errors import DistPGKMError  # noqa: E402
+from dist_pgkm.kmeans.types import KMeansResult, KMeansStats  # noqa: E402
+from dist_pgkm.pgkm.api import cluster  # noqa: E402
 
 if TYPE_CHECKING:
     import torch

@@ -169,6 +169,26 @@ def _run_bench_kmeans(args: argparse.Namespace) -> int:
     from dist_pgkm.bench import kmeans  # type: ignore[import-not-found, unused-ignore]
     from dist_pgkm.bench.common import write_json  # type: ignore[import-not-found, unused-ignore]
 
+    if args.hog:
+        doc = kmeans.run_hog()
+        _stdout_console().print(kmeans.hog_markdown(doc), markup=False, highlight=False)
+        if args.json is not None:
+            write_json(args.json, doc)
+        if args.md is not None:
+            kmeans.write_hog_markdown(args.md, doc)
+        return 0
+    if args.aware:
+        aware = kmeans.AwareOptions(
+            threads=args.threads, command=shlex.join(["dist-pgkm", *args.argv])
+        )
+        with _progress() as update:
+            doc = kmeans.run_aware(aware, progress=update)
+        _stdout_console().print(kmeans.aware_markdown(doc), markup=False, highlight=False)
+        if args.json is not None:
+            write_json(args.json, doc)
+        if args.md is not None:
+            kmeans.write_aware_markdown(args.md, doc)
+        return 0
     options = kmeans.BenchOptions(
         quick=args.quick,
         n_iter=args.n_iter,
@@ -222,7 +242,23 @@ def _register_bench_kmeans(subparsers: Subparsers, parents: list[argparse.Argume
         type=_positive_int,
         default=None,
         metavar="N",
-        help=f"torch and faiss threads (default: all {os.cpu_count()} cores)",
+        help="torch and faiss threads (default: the cores this process may use)",
+    )
+    p.add_argument(
+        "--aware",
+        action="store_true",
+        help=(
+            "instead: time quantize with metric: hessian against metric: weight per SmolLM2 "
+            "layer shape at the llm-4bit/3bit/2bit settings (section kmeans-aware of --md)"
+        ),
+    )
+    p.add_argument(
+        "--hog",
+        action="store_true",
+        help=(
+            "instead: quantize MiniLM in-process and on 2 Ray workers, each beside a CPU hog "
+            "(section kmeans-hog of --md; run it under flock when Ray is shared)"
+        ),
     )
     # Hidden: restrict to some data sets by name or shell pattern (tests, investigations).
     p.add_argument("--datasets", type=_pattern_list, default=(), help=argparse.SUPPRESS)
@@ -279,7 +315,10 @@ def _run_quantize(args: argparse.Namespace) -> int:
     from dist_pgkm.config.quantize import load_config
     from dist_pgkm.console import quantize_progress, worker_summary_lines
     from dist_pgkm.distributed.coordinator import quantize_model
+    from dist_pgkm.utils.threads import set_threads
 
+    # The in-process path clusters here: one thread per core this process really gets.
+    set_threads()
     config = load_config(
         args.config, method=args.method, seed=args.seed, convention=args.convention
     )

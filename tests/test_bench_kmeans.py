@@ -138,7 +138,8 @@ def test_dataset_selection() -> None:
     assert len(names) == len(set(names))
     quick = bench.select_datasets(quick=True)
     full = bench.select_datasets(quick=False)
-    assert {s.regime for s in quick} == {"clean", "zero20", "zero50", "fp16", "large-k", "speed"}
+    regimes = {"clean", "zero20", "zero50", "fp16", "large-k", "speed", "hard"}
+    assert {s.regime for s in quick} == regimes
     assert set(quick) < set(full) == set(bench.DATASETS)
     assert not [s for s in quick if "embed" in s.name or s.k > 4096]
     huge = {s.name for s in full if s.k == 65536}
@@ -151,7 +152,12 @@ def test_dataset_selection() -> None:
         "minilm.L0.intermediate.bs8.k256.fp16",
         "minilm.L0.query.bs4.k256.fp16",
         "synthetic.gmm300k.d8.k256",
+        "synthetic.heavy80k.d8.k256",
+        "synthetic.zeros80k.d8.k256",
+        "synthetic.pool80k.d8.k256",
+        "synthetic.mix80k.d8.k256.fp16",
     ]
+    assert [s.name for s in quick if s.regime == "hard"] == ["synthetic.mix80k.d8.k256.fp16"]
     with pytest.raises(ConfigError, match=r"no benchmark data set matches 'nope'.*synthetic"):
         bench.select_datasets(quick=False, patterns=["nope"])
 
@@ -285,7 +291,7 @@ def test_targets_all_met() -> None:
     memory = {"peak_rss_bytes": 1_200_000_000, "baseline_rss_bytes": 5e8, "input_bytes": 3.2e8}
     targets = bench.compute_targets(rows, speed, memory)
 
-    assert [t.id for t in targets] == ["1", "2", "3", "4a", "4b", "5a", "5b", "6"]
+    assert [t.id for t in targets] == ["1", "2", "3", "4a", "4b", "5a", "5b", "5c", "6"]
     assert all(t.met is True for t in targets), [(t.id, t.measured) for t in targets]
     assert _target(targets, "1").detail["datasets_checked"] == 3
     t2 = _target(targets, "2")
@@ -298,6 +304,7 @@ def test_targets_all_met() -> None:
     # The third iteration (objective 9.9 <= 10.0) ended 0.3 s into the call.
     assert speed["pgkm_iterations_to_faiss_sse"] == 3
     assert _target(targets, "5b").measured == pytest.approx(0.3 / 0.8)
+    assert _target(targets, "5c").measured == 1.0  # the clean set: 1.0 s each
     assert _target(targets, "6").measured == 1.2
 
 
@@ -349,6 +356,17 @@ def test_targets_missed_and_inf() -> None:
 
 
 _MEM = {"baseline_rss_bytes": 5e8, "input_bytes": 3.2e8}
+
+
+def test_total_time_target_names_the_slowest_data_set() -> None:
+    rows = [
+        *_rows("a", "hard", "clean", _stats("pgkm", 1.0, seconds=0.5), _stats("faiss", 2.0)),
+        *_rows("b", "hard", "fp16", _stats("pgkm", 1.0, seconds=3.0), _stats("faiss", 2.0)),
+    ]
+    t = _target(bench.compute_targets(rows), "5c")
+    assert t.measured == 3.0
+    assert t.met is False
+    assert t.detail == {"datasets_checked": 2, "worst_dataset": "b", "over": {"b": 3.0}}
 
 
 def test_targets_not_measured() -> None:

@@ -99,9 +99,17 @@ class TorchAssigner(Assigner):
 
 
 class FaissAssigner(Assigner):
-    """Exact search with a faiss ``IndexFlatL2`` on the CPU (BLAS + OpenMP)."""
+    """Exact search with a faiss ``IndexFlatL2`` on the CPU (BLAS + OpenMP).
+
+    Searches of fewer than :attr:`FAST_SIZE` multiply-adds (``n * k * d``) are padded with zero
+    rows up to that size: below it faiss 1.15 computes one distance at a time (measured on 2
+    threads, K 256: 13824 x 8 points 58 ms, 50000 x 2 points 244 ms per search), above it its
+    fused L2 + argmin kernel does the padded search in 5.7 / 18 ms. The padding rows' results
+    are dropped; the others are the same search (distances equal to float rounding).
+    """
 
     name = "faiss"
+    FAST_SIZE = 1 << 25
 
     def __init__(self, x: torch.Tensor) -> None:
         super().__init__(x)
@@ -109,18 +117,32 @@ class FaissAssigner(Assigner):
             raise InvalidInputError("the faiss CPU backend needs CPU tensors; use 'faiss-gpu'.")
         self._faiss = import_faiss()
         self._x_np = x.numpy()
+        self._padded: dict[int, object] = {}  # rows wanted -> padded copy of the points
 
     def _index(self, d: int) -> object:
         return self._faiss.IndexFlatL2(d)
+
+    def _queries(self, k: int) -> object:
+        """The points, padded with zero rows when the search would be below FAST_SIZE."""
+        n, d = self._x_np.shape
+        if n == 0 or n * k * d >= self.FAST_SIZE or self.name != "faiss":
+            return self._x_np
+        rows = -(-self.FAST_SIZE // (k * d))  # ceil
+        if rows not in self._padded:
+            padded = torch.zeros(rows, d)
+            padded[:n] = self.x
+            self._padded = {rows: padded.numpy()}  # one size at a time (k rarely changes)
+        return self._padded[rows]
 
     def assign(self, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         c = centroids.detach().to("cpu", torch.float32).contiguous().numpy()
         index = self._index(c.shape[1])
         index.add(c)  # type: ignore[attr-defined]
-        dist, codes = index.search(self._x_np, 1)  # type: ignore[attr-defined]
+        n = self._x_np.shape[0]
+        dist, codes = index.search(self._queries(c.shape[0]), 1)  # type: ignore[attr-defined]
         return (
-            torch.from_numpy(codes.reshape(-1)).to(self.x.device),
-            torch.from_numpy(dist.reshape(-1)).clamp_(min=0.0).to(self.x.device),
+            torch.from_numpy(codes[:n].reshape(-1)).to(self.x.device),
+            torch.from_numpy(dist[:n].reshape(-1)).clamp_(min=0.0).to(self.x.device),
         )
 
 

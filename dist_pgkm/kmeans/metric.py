@@ -20,8 +20,9 @@ from dataclasses import dataclass
 import torch
 
 from dist_pgkm.errors import InvalidInputError
-from dist_pgkm.kmeans.assign import Assigner, TorchAssigner
+from dist_pgkm.kmeans.assign import Assigner, TorchAssigner, resolve_backend
 from dist_pgkm.kmeans.metrics import segment_sum
+from dist_pgkm.utils.optional import import_faiss
 
 __all__ = [
     "BlockMetric",
@@ -151,6 +152,7 @@ def metric_update(
     centroids: torch.Tensor,
     metric: BlockMetric,
     mx: torch.Tensor | None = None,
+    mx_cols: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """M-step under the metric: ``c_j = (sum w_i M_gi)^-1 sum w_i M_gi x_i`` over members ``i``.
 
@@ -161,6 +163,7 @@ def metric_update(
         centroids: ``(k, d)`` current centroids; empty clusters keep theirs.
         metric: The points' metric.
         mx: ``(n, d)`` rows ``M_gi x_i``, cached by a caller that updates many times.
+        mx_cols: ``columns(mx, weights)`` (the grouped sum's layout), cached likewise.
 
     Returns:
         A new ``(k, d)`` float32 tensor.
@@ -168,7 +171,7 @@ def metric_update(
     k, d = centroids.shape
     if mx is None:
         mx = apply_metric(x, metric.groups, metric.matrices)
-    rhs = segment_sum(codes, mx, k, weights).double()  # (k, d)
+    rhs = segment_sum(codes, mx, k, weights, mx_cols).double()  # (k, d)
     flat = metric.matrices.reshape(-1, d * d).double()  # (G, d * d)
     n_groups = flat.shape[0]
     if k * n_groups <= _CHUNK * 16:
@@ -207,27 +210,53 @@ class MetricAssigner(Assigner):
     per group and 583 / 99 / 128 ms for all groups batched (a 3-D ``min`` is slower than 2-D
     ones on cache-sized blocks).
 
+    For ``d <= LIFT_MAX_D`` (the block sizes 2-4 of the LLM presets) no search is made per
+    group: ``(x - c)^T M_g (x - c) = x^T M_g x + u_i . v_c`` with ``u_i`` the point's lifted
+    features (``-2 M_g x_i`` and the entries of ``M_g``) and ``v_c`` the codeword's (``c`` and
+    its products ``c_a c_b``), so one search of ``d + d (d + 1) / 2`` dimensions covers every
+    group. With faiss it runs as an L2 search (faiss's fused L2 + argmin kernel; its
+    inner-product search is ~3.5x slower here), else as the torch backend's ``addmm`` + ``min``.
+    SmolLM2 gate_proj at bs 2 (442k points, 288 groups), K 256, 2 threads, loaded machine:
+    0.49 s per pass with a torch search per group; lifted, 0.54 s with torch, 0.31 s with
+    faiss's inner-product search, 0.09 s with its L2 kernel (the plain search: 0.08 s).
+
     Args:
         x: ``(n, d)`` float32 points, sorted by group.
         metric: Their metric (``metric.groups`` non-decreasing).
         block_bytes: Bound of one batched distance block.
+        backend: Search backend of the lifted search (``auto`` / ``faiss``: faiss's L2 kernel
+            when installed, CPU only; otherwise torch).
+        mx: ``(n, d)`` rows ``M_gi x_i`` when the caller has them (they are the lift's first
+            features).
     """
 
     name = "metric/torch"
     SMALL = 256
+    LIFT_MAX_D = 4
 
-    def __init__(self, x: torch.Tensor, metric: BlockMetric, block_bytes: int = 4 << 20) -> None:
+    def __init__(
+        self,
+        x: torch.Tensor,
+        metric: BlockMetric,
+        block_bytes: int = 4 << 20,
+        backend: str = "torch",
+        mx: torch.Tensor | None = None,
+    ) -> None:
         super().__init__(x)
         groups = metric.groups
         assert groups.numel() < 2 or bool((groups[1:] >= groups[:-1]).all())
         self.metric = metric
         self.factors = metric.factors().to(x.device)  # (G, d, d)
         self.whitened = whiten(x, groups, self.factors)  # (n, d)
+        self._block_bytes = block_bytes
+        self._lifted = x.shape[1] <= self.LIFT_MAX_D
+        if self._lifted:
+            self._lift_setup(backend, mx)
+            return
         counts = torch.bincount(groups, minlength=metric.n_groups)
         ends = counts.cumsum(0)
         n_max = int(counts.max()) if counts.numel() else 0
         self._batched = n_max <= self.SMALL
-        self._block_bytes = block_bytes
         if self._batched:
             self._pos = torch.arange(x.shape[0], device=x.device) - (ends - counts)[groups]
             self._padded = torch.zeros(metric.n_groups, n_max, x.shape[1], device=x.device)
@@ -239,8 +268,65 @@ class MetricAssigner(Assigner):
             ]
             self._searches = [TorchAssigner(self.whitened[s:e]) for _, s, e in self._spans]
 
+    def _lift_setup(self, backend: str, mx: torch.Tensor | None) -> None:
+        """Features for one search of all groups: ``(x - c)^T M (x - c) = x^T M x + u.v``.
+
+        ``u = (-2 M x, M_ab (a <= b, off-diagonal entries doubled))`` depends on the point and
+        its group, ``v = (c, c_a c_b (a <= b))`` on the codeword only, so every group shares
+        one codebook of ``d + d (d + 1) / 2`` lifted features and the search is a single
+        minimum inner product over all points (no call per group).
+        """
+        x, metric = self.x, self.metric
+        d = x.shape[1]
+        self._iu = torch.triu_indices(d, d, device=x.device)  # (2, T) pairs a <= b
+        z = apply_metric(x, metric.groups, metric.matrices) if mx is None else mx  # (n, d) M_g x_i
+        self._base = (z * x).sum(dim=1)  # (n,) x^T M x
+        double = torch.where(self._iu[0] == self._iu[1], 1.0, 2.0).to(x.device)
+        quad = metric.matrices[:, self._iu[0], self._iu[1]] * double  # (G, T)
+        self._lift = torch.cat([-2.0 * z, quad[metric.groups]], dim=1).contiguous()  # (n, d+T)
+        resolved = resolve_backend(backend, x.device)
+        self._faiss = import_faiss() if resolved == "faiss" else None
+        self.name = "metric/faiss" if self._faiss is not None else "metric/torch"
+        if self._faiss is not None:
+            # A zero last coordinate for the search as an L2 one (see _assign_lifted).
+            pad = torch.zeros(self._lift.shape[0], 1)
+            self._lift_np = torch.cat([self._lift, pad], dim=1).numpy()  # (n, d + T + 1)
+            self._lift_rms = float(self._lift.square().sum(dim=1).mean().sqrt())
+
+    def _assign_lifted(self, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        v = torch.cat([c, c[:, self._iu[0]] * c[:, self._iu[1]]], dim=1)  # (k, d + T)
+        n, k = self._lift.shape[0], v.shape[0]
+        if self._faiss is not None:
+            # min u.v as an L2 search (faiss's fused L2 + argmin kernel is ~3.5x faster than
+            # its inner-product search at these dimensions): codewords w = (-s v, t) with
+            # t = sqrt(R^2 - s^2 |v|^2), points (u, 0), so |(u, 0) - w|^2 = |u|^2 + 2 s u.v
+            # + R^2 and the nearest w minimises u.v. s makes R^2 about |u|^2, the rounding
+            # error of a distance then being that of the product u.v itself.
+            vn = v.square().sum(dim=1)  # (k,)
+            scale = self._lift_rms / max(float(vn.max().sqrt()), 1e-30)
+            r2 = scale * scale * vn.max()
+            t = (r2 - scale * scale * vn).clamp(min=0.0).sqrt()
+            w = torch.cat([-scale * v, t[:, None]], dim=1).contiguous()  # (k, d + T + 1)
+            index = self._faiss.IndexFlatL2(w.shape[1])
+            index.add(w.numpy())
+            _, arg = index.search(self._lift_np, 1)
+            codes = torch.from_numpy(arg.reshape(-1))
+            score = (self._lift * v[codes]).sum(dim=1)  # u.v of the chosen codeword
+        else:
+            codes = torch.empty(n, dtype=torch.int64, device=c.device)
+            score = torch.empty(n, dtype=torch.float32, device=c.device)
+            v_t = v.t().contiguous()  # (d + T, k)
+            rows = max(1, (1 << 20) // (4 * k))  # 1 MiB distance blocks stay in cache
+            for s in range(0, n, rows):
+                e = min(n, s + rows)
+                block = self._lift[s:e] @ v_t  # (rows, k)
+                torch.min(block, dim=1, out=(score[s:e], codes[s:e]))
+        return codes, (score + self._base).clamp_(min=0.0)
+
     def assign(self, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         c = centroids.to(device=self.x.device, dtype=torch.float32)
+        if self._lifted:
+            return self._assign_lifted(c.contiguous())
         mapped = torch.einsum("kd,gde->gke", c, self.factors)  # (G, k, d): c L_g
         if self._batched:
             return self._assign_batched(mapped)

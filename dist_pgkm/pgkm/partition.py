@@ -151,11 +151,14 @@ def bisect(
     wsum = torch.bincount(s, weights=pw.double(), minlength=c)  # (c,)
     mean = segment_sum(s, px, c, pw) / wsum.clamp(min=_TINY).float()[:, None]  # (c, d)
     xc = px - mean[s]  # (q, d) centred
+    # Weighted covariance: every upper-triangle entry's products (w x_i) x_j, summed by slot
+    # in one scatter_add_ (the same float32 sums, in the same order, as a bincount per entry).
+    iu = torch.triu_indices(d, d)  # (2, T)
+    prods = ((xc[:, iu[0]] * pw[:, None]) * xc[:, iu[1]]).t().contiguous()  # (T, q)
+    upper = torch.zeros(iu.shape[1], c).scatter_add_(1, s.expand(iu.shape[1], -1), prods)
     cov = torch.empty(c, d, d)
-    for i in range(d):  # weighted covariance, one grouped sum per entry of the upper triangle
-        wi = xc[:, i] * pw
-        for j in range(i, d):
-            cov[:, i, j] = cov[:, j, i] = torch.bincount(s, weights=wi * xc[:, j], minlength=c)
+    cov[:, iu[0], iu[1]] = upper.t()
+    cov[:, iu[1], iu[0]] = upper.t()
     axis = principal_axes(cov)  # (c, d)
     proj = _project(px, mean[s], axis[s])  # (q,)
     # One sort by (slot, projection): the projection is squeezed into [0, 0.5] within its slot.
@@ -275,17 +278,34 @@ def _sse_cut(
     return pos >= cut_at[ss]
 
 
-def partition_scores(
-    points: torch.Tensor, weights: torch.Tensor, labels: torch.Tensor, p: int, split_by: SplitBy
-) -> torch.Tensor:
-    """``(p,)`` float64 priority of each partition: its weight, or its weighted SSE."""
+def _score_terms(
+    points: torch.Tensor, weights: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per point, in float64: ``w``, ``w x`` and ``w |x|^2`` (what partition scores sum)."""
     w = weights.double()
+    x = points.double()
+    return w, x * w[:, None], (x * x).sum(1) * w
+
+
+def partition_scores(
+    points: torch.Tensor,
+    weights: torch.Tensor,
+    labels: torch.Tensor,
+    p: int,
+    split_by: SplitBy,
+    terms: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """``(p,)`` float64 priority of each partition: its weight, or its weighted SSE.
+
+    ``terms`` are :func:`_score_terms` of the points, computed once by a caller that scores
+    the same points many times.
+    """
+    w, xw, x2w = _score_terms(points, weights) if terms is None else terms
     total = torch.zeros(p, dtype=torch.float64).index_add_(0, labels, w)
     if split_by == "weight":
         return total
-    x = points.double()
-    s1 = torch.zeros(p, points.shape[1], dtype=torch.float64).index_add_(0, labels, x * w[:, None])
-    s2 = torch.zeros(p, dtype=torch.float64).index_add_(0, labels, (x * x).sum(1) * w)
+    s1 = torch.zeros(p, points.shape[1], dtype=torch.float64).index_add_(0, labels, xw)
+    s2 = torch.zeros(p, dtype=torch.float64).index_add_(0, labels, x2w)
     return (s2 - (s1 * s1).sum(1) / total.clamp(min=_TINY)).clamp(min=0)
 
 
@@ -337,12 +357,13 @@ def partition(
         tree_points, tree_weights = points, weights
     labels = torch.zeros(tree_points.shape[0], dtype=torch.int64)
     splits: list[Split] = []
+    terms = _score_terms(tree_points, tree_weights)  # once: every round sums the same terms
     p = 1
     while p < k:
         splittable = torch.bincount(labels, minlength=p) >= 2
         if not bool(splittable.any()):
             break
-        score = partition_scores(tree_points, tree_weights, labels, p, split_by)
+        score = partition_scores(tree_points, tree_weights, labels, p, split_by, terms)
         score = torch.where(splittable, score, torch.full_like(score, -1.0))
         top = float(score.max())
         chosen = ((score >= top / 2) & splittable).nonzero().flatten()

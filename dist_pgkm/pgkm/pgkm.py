@@ -16,6 +16,7 @@ from dist_pgkm.kmeans.metric import (
     metric_distances,
     metric_update,
 )
+from dist_pgkm.kmeans.metrics import columns
 from dist_pgkm.kmeans.types import ClusterInput, KMeansResult
 from dist_pgkm.pgkm.consolidate import consolidate as consolidate_points
 from dist_pgkm.pgkm.moves import merge_cheapest_pairs
@@ -83,7 +84,8 @@ def pg_kmeans(
     if point_metric is None:
         assigner = make_assigner(points, inp.backend)
     else:
-        assigner = MetricAssigner(points, point_metric)
+        mx = apply_metric(points, point_metric.groups, point_metric.matrices)  # once per run
+        assigner = MetricAssigner(points, point_metric, backend=inp.backend, mx=mx)
     stats = inp.new_stats("pgkm", assigner.name)
     stats.n_distinct = m
     if consolidate and m <= k:
@@ -96,11 +98,11 @@ def pg_kmeans(
     space = points if not isinstance(assigner, MetricAssigner) else assigner.whitened
     update: UpdateFn | None = None
     if point_metric is not None:
-        mx = apply_metric(points, point_metric.groups, point_metric.matrices)  # once per run
+        mx_cols = columns(mx, pw)  # the M-step's layout of the rows w_i M x_i, once per run
 
         def update(codes: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
             assert point_metric is not None
-            return metric_update(points, pw, codes, centroids, point_metric, mx)
+            return metric_update(points, pw, codes, centroids, point_metric, mx, mx_cols)
 
     if preassign:
         sample = init_sample_per_centroid * k

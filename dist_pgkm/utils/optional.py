@@ -46,9 +46,8 @@ def faiss_num_gpus() -> int:
 
 
 def set_threads(n: int) -> None:
-    """Use ``n`` threads for torch's CPU kernels and, when installed, faiss's OpenMP loops."""
-    import torch
+    """Use ``n`` threads for torch's CPU kernels and, when installed, faiss's OpenMP loops
+    (see :func:`dist_pgkm.utils.threads.set_threads`, where the thread logic lives)."""
+    from dist_pgkm.utils.threads import set_threads as size_pools
 
-    torch.set_num_threads(n)
-    if faiss_available():
-        import_faiss().omp_set_num_threads(n)
+    size_pools(n)
