@@ -20,6 +20,8 @@ if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel
 
+    from dist_pgkm.pq.infer import Forward
+
 __version__ = "0.1.0"
 
 __all__ = ["DistPGKMError", "KMeansResult", "KMeansStats", "__version__", "cluster", "load"]
@@ -30,6 +32,7 @@ def load(
     dense: bool = False,
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
+    forward: Forward = "codes",
 ) -> PreTrainedModel:
     """Load a dist-pgkm checkpoint directory as its transformers model.
 
@@ -37,7 +40,7 @@ def load(
     """
     from dist_pgkm.checkpoint.hf import load as load_checkpoint
 
-    return load_checkpoint(path, dense=dense, dtype=dtype, device=device)
+    return load_checkpoint(path, dense=dense, dtype=dtype, device=device, forward=forward)
 
 
 _install_transformers_hook()

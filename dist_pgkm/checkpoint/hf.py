@@ -58,6 +58,7 @@ from dist_pgkm.checkpoint.spec import (
     LayerSpec,
 )
 from dist_pgkm.errors import CheckpointError, InvalidInputError
+from dist_pgkm.pq.infer import Forward, forward_default
 from dist_pgkm.pq.modules import PQConv2d, PQEmbedding, PQLinear, PQModule, pq_module_for
 
 if TYPE_CHECKING:
@@ -803,6 +804,7 @@ def load(
     dense: bool = False,
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
+    forward: Forward = "codes",
 ) -> PreTrainedModel:
     """Load a dist-pgkm checkpoint directory as its transformers model.
 
@@ -814,6 +816,10 @@ def load(
             Codebooks are cast to it like any weight: a float32 model holds fp16/bf16
             codebooks exactly.
         device: Device to load on.
+        forward: ``"codes"``: the PQ modules compute from their codes (lookup tables for a
+            few tokens, decoded tiles for many; docs/inference.md) and hold no unpacked index;
+            ``"decode"``: they decode their whole weight in every forward. Switch later with
+            :func:`dist_pgkm.pq.infer.use_forward`.
 
     Returns:
         The model of the class named in config.json ``architectures``, in eval mode, with
@@ -844,7 +850,8 @@ def load(
     kwargs: dict[str, Any] = {"dtype": dtype or _default_dtype(config, files)}
     if torch.device(device).type != "cpu":
         kwargs["device_map"] = {"": torch.device(device)}
-    model = cls.from_pretrained(path, **kwargs)
+    with forward_default("decode" if dense else forward):
+        model = cls.from_pretrained(path, **kwargs)
     if dense:
         model = model.dequantize()
     return model  # type: ignore[no-any-return]
