@@ -252,7 +252,9 @@ def _sizes(path: Path) -> dict[str, Any]:
     from dist_pgkm.checkpoint.inspect import describe
 
     info = describe(path)
+    qconfig = json.loads((path / "config.json").read_text(encoding="utf-8"))["quantization_config"]
     return {
+        "method": qconfig.get("method"),
         "checkpoint_bytes": info.checkpoint_bytes,
         "quantized_bytes": info.quantized_bytes,
         "float_params": info.float_params,
@@ -399,7 +401,7 @@ def _cells(row: Mapping[str, Any], fp32: float | None) -> list[str]:
     b1 = row.get("b1_tok_s")
     return [
         row["variant"],
-        row["preset"],
+        row["preset"] + (f" ({row['method']})" if row.get("method") else ""),
         format_value(row.get("bits_per_weight"), ".2f"),
         format_value(b1, ".2f"),
         format_value(row.get("b8_tok_s"), ".1f"),
