@@ -160,7 +160,7 @@ def measure(spec: Mapping[str, Any]) -> dict[str, Any]:
     path = Path(spec["path"])
     tokenizer: Any = transformers.AutoTokenizer.from_pretrained(str(path))
     prompts = _prompts(tokenizer, 8, PROMPT_TOKENS)
-    long_ids = _prompts(tokenizer, 1, int(spec["prefill"]))
+    long_ids = _prompts(tokenizer, 1, int(spec["prefill"])) if spec["prefill"] else None
     dtype = getattr(torch, str(spec["dtype"]))
     rss_before = _status("VmRSS")
     start = time.perf_counter()
@@ -193,7 +193,7 @@ def measure(spec: Mapping[str, Any]) -> dict[str, Any]:
                 row["b1_tokens"] = out[0, PROMPT_TOKENS:].tolist()
         gen_peak = _status("VmHWM")
         _reset_peak()
-        if spec["prefill"]:
+        if long_ids is not None:
             t0 = time.perf_counter()
             model(long_ids, use_cache=False)
             row["prefill_tok_s"] = long_ids.shape[1] / (time.perf_counter() - t0)

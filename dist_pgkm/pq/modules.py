@@ -41,7 +41,7 @@ from dist_pgkm.kmeans.types import KMeansStats
 from dist_pgkm.pq import infer
 from dist_pgkm.pq.codec import from_subvectors
 from dist_pgkm.pq.layout import SideTensors, apply_outliers, apply_scales, book_index, side_problems
-from dist_pgkm.pq.pack import bits_for, pack_codes, packed_nbytes, unpack_codes
+from dist_pgkm.pq.pack import bits_for, codes_at, pack_codes, packed_nbytes, unpack_codes
 from dist_pgkm.pq.quantize import QuantizedWeight
 
 __all__ = [
@@ -64,6 +64,27 @@ def _check_codes(codes: torch.Tensor, k: int, n_blocks: int, shape: tuple[int, .
         raise InvalidInputError(
             f"codes range over [{int(codes.min())}, {int(codes.max())}] but the codebook has "
             f"{k} codewords; the checkpoint is corrupt or was written for another codebook."
+        )
+
+
+def _check_packed(packed: torch.Tensor, k: int, n_blocks: int, shape: tuple[int, ...]) -> None:
+    """:func:`_check_codes` on packed codes, a bounded chunk at a time.
+
+    A module in code mode never unpacks all its codes: doing it once to check them would leave
+    the allocator holding (and the process resident) several bytes per block after loading.
+    """
+    bits = bits_for(k)
+    if packed.dtype != torch.uint8 or packed.numel() != packed_nbytes(n_blocks, bits):
+        unpack_codes(packed, n_blocks, bits)  # raises the size error
+    low, high = 0, 0
+    step = 1 << 16
+    for start in range(0, n_blocks, step):
+        codes = codes_at(packed, torch.arange(start, min(n_blocks, start + step)), bits)
+        low, high = min(low, int(codes.min())), max(high, int(codes.max()))
+    if high >= k:
+        raise InvalidInputError(
+            f"codes range over [{low}, {high}] but the codebook has {k} codewords; the "
+            "checkpoint is corrupt or was written for another codebook."
         )
 
 
@@ -276,12 +297,18 @@ class PQModule(nn.Module):
                 codebook, or the scales or outliers are malformed.
         """
         packed = self.codes.detach().to("cpu")
-        codes = unpack_codes(packed, self.n_blocks, bits_for(self.k))
-        _check_codes(codes, self.k, self.n_blocks, self.weight_shape)
+        if self.forward_mode == "codes":
+            _check_packed(packed, self.k, self.n_blocks, self.weight_shape)
+        else:
+            codes = unpack_codes(packed, self.n_blocks, bits_for(self.k))
+            _check_codes(codes, self.k, self.n_blocks, self.weight_shape)
         scales = None if self.scales is None else self.scales.detach()
         _check_side(self.weight_shape, SideTensors(scales, self.outlier_idx, self.outlier_val))
         self._outlier_delta = None
-        self.index = self._no_index() if self.forward_mode == "codes" else self._flat_index(codes)
+        if self.forward_mode == "codes":
+            self.index = self._no_index()
+        else:
+            self.index = self._flat_index(codes)
 
     def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any) -> None:
         super()._load_from_state_dict(state_dict, prefix, *args)
