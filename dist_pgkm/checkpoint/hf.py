@@ -60,6 +60,7 @@ from dist_pgkm.checkpoint.spec import (
 from dist_pgkm.checkpoint.verify import verification, verify_enabled, verify_files
 from dist_pgkm.errors import CheckpointError, InvalidInputError
 from dist_pgkm.models.hf_keys import key_renamer
+from dist_pgkm.pq.infer import Forward, forward_default
 from dist_pgkm.pq.modules import PQConv2d, PQEmbedding, PQLinear, PQModule, pq_module_for
 from dist_pgkm.utils.safetensors_io import UnreadableFile, read_header
 
@@ -793,6 +794,7 @@ def load(
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
     verify: bool | None = None,
+    forward: Forward = "codes",
 ) -> PreTrainedModel:
     """Load a dist-pgkm checkpoint directory as its transformers model.
 
@@ -807,6 +809,10 @@ def load(
         verify: Check every model file's sha256 against the one its run recorded
             (``manifest.json``) before loading; reads every byte once. Default: on, unless
             ``$DIST_PGKM_VERIFY`` is ``0`` (:mod:`dist_pgkm.checkpoint.verify`).
+        forward: ``"codes"``: the PQ modules compute from their codes (lookup tables for a
+            few tokens, decoded tiles for many; docs/inference.md) and hold no unpacked index;
+            ``"decode"``: they decode their whole weight in every forward. Switch later with
+            :func:`dist_pgkm.pq.infer.use_forward`.
 
     Returns:
         The model of the class named in config.json ``architectures``, in eval mode, with
@@ -841,7 +847,7 @@ def load(
     kwargs: dict[str, Any] = {"dtype": dtype or _default_dtype(config, files)}
     if torch.device(device).type != "cpu":
         kwargs["device_map"] = {"": torch.device(device)}
-    with verification(verify):
+    with verification(verify), forward_default("decode" if dense else forward):
         model = cls.from_pretrained(path, **kwargs)
     if dense:
         model = model.dequantize()

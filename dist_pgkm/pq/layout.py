@@ -24,6 +24,7 @@ __all__ = [
     "apply_outliers",
     "apply_scales",
     "book_index",
+    "book_index_at",
     "side_problems",
 ]
 
@@ -62,8 +63,28 @@ def book_index(codes: torch.Tensor, n_books: int, k_store: int) -> torch.Tensor:
     """
     if n_books == 1:
         return codes
-    per_book = codes.numel() // n_books
-    book = torch.arange(codes.numel(), device=codes.device) // per_book  # (n_blocks,)
+    blocks = torch.arange(codes.numel(), device=codes.device)  # (n_blocks,)
+    return book_index_at(codes, blocks, codes.numel(), n_books, k_store)
+
+
+def book_index_at(
+    codes: torch.Tensor, blocks: torch.Tensor, n_blocks: int, n_books: int, k_store: int
+) -> torch.Tensor:
+    """:func:`book_index` for some blocks of a weight only (a tile, looked-up rows).
+
+    Args:
+        codes: Integer codes of the blocks ``blocks``, any shape.
+        blocks: Positions of those blocks among the weight's ``n_blocks``, ``codes``' shape.
+        n_blocks: Blocks of the whole weight.
+        n_books: Number of codebooks.
+        k_store: Rows of every book.
+
+    Returns:
+        Indices into the stacked books, of ``codes``' shape and dtype.
+    """
+    if n_books == 1:
+        return codes
+    book = blocks // (n_blocks // n_books)  # each book holds n_blocks / n_books blocks
     return codes + (book * k_store).to(codes.dtype)
 
 

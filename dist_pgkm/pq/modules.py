@@ -38,9 +38,10 @@ from torch import nn
 
 from dist_pgkm.errors import InvalidInputError
 from dist_pgkm.kmeans.types import KMeansStats
+from dist_pgkm.pq import infer
 from dist_pgkm.pq.codec import from_subvectors
 from dist_pgkm.pq.layout import SideTensors, apply_outliers, apply_scales, book_index, side_problems
-from dist_pgkm.pq.pack import bits_for, pack_codes, packed_nbytes, unpack_codes
+from dist_pgkm.pq.pack import bits_for, codes_at, pack_codes, packed_nbytes, unpack_codes
 from dist_pgkm.pq.quantize import QuantizedWeight
 
 __all__ = [
@@ -63,6 +64,27 @@ def _check_codes(codes: torch.Tensor, k: int, n_blocks: int, shape: tuple[int, .
         raise InvalidInputError(
             f"codes range over [{int(codes.min())}, {int(codes.max())}] but the codebook has "
             f"{k} codewords; the checkpoint is corrupt or was written for another codebook."
+        )
+
+
+def _check_packed(packed: torch.Tensor, k: int, n_blocks: int, shape: tuple[int, ...]) -> None:
+    """:func:`_check_codes` on packed codes, a bounded chunk at a time.
+
+    A module in code mode never unpacks all its codes: doing it once to check them would leave
+    the allocator holding (and the process resident) several bytes per block after loading.
+    """
+    bits = bits_for(k)
+    if packed.dtype != torch.uint8 or packed.numel() != packed_nbytes(n_blocks, bits):
+        unpack_codes(packed, n_blocks, bits)  # raises the size error
+    low, high = 0, 0
+    step = 1 << 16
+    for start in range(0, n_blocks, step):
+        codes = codes_at(packed, torch.arange(start, min(n_blocks, start + step)), bits)
+        low, high = min(low, int(codes.min())), max(high, int(codes.max()))
+    if high >= k:
+        raise InvalidInputError(
+            f"codes range over [{low}, {high}] but the codebook has {k} codewords; the "
+            "checkpoint is corrupt or was written for another codebook."
         )
 
 
@@ -165,6 +187,10 @@ class PQModule(nn.Module):
         else:
             self.register_buffer("codes", pack_codes(codes, bits_for(k)))
             self.register_buffer("index", self._flat_index(codes), persistent=False)
+        self.forward_mode: infer.Forward = infer.default_forward()
+        self._outlier_delta: torch.Tensor | None = None  # cache of the code forward
+        if self.forward_mode == "codes" and not codes.is_meta:
+            self.index = self._no_index()
         idx = None if outlier_idx is None else outlier_idx.detach().to(torch.int32).clone()
         val = None if outlier_val is None else outlier_val.detach().to(torch.float32).clone()
         self.register_buffer("outlier_idx", idx)
@@ -211,10 +237,49 @@ class PQModule(nn.Module):
 
     def _decode(self, centroids: torch.Tensor) -> torch.Tensor:
         """The dense weight from ``centroids`` (this module's, or a re-weighted copy of them)."""
-        blocks = _gather(centroids.reshape(-1, self.block_size), self.index)  # (n_blocks, bs)
+        index = self._full_index()
+        blocks = _gather(centroids.reshape(-1, self.block_size), index)  # (n_blocks, bs)
         w = apply_scales(blocks.reshape(self.weight_shape[0], -1), self.scales)  # (out, width)
         w = apply_outliers(w, self.outlier_idx, self.outlier_val)
         return from_subvectors(w.reshape(-1, self.block_size), self.weight_shape)
+
+    def _no_index(self) -> torch.Tensor:
+        """The empty ``index`` of a module in code mode (it reads the packed codes)."""
+        return torch.empty(0, dtype=torch.int32, device=self.codes.device)
+
+    def _full_index(self) -> torch.Tensor:
+        """``index``, or in code mode the same values derived from the codes for this call."""
+        if self.index.numel() == self.n_blocks:
+            return self.index
+        codes = unpack_codes(self.codes.detach().to("cpu"), self.n_blocks, bits_for(self.k))
+        return self._flat_index(codes)
+
+    def _reads_codes(self) -> bool:
+        """Whether this call takes the code forward: code mode, and no gradient wanted."""
+        if self.forward_mode != "codes":
+            return False
+        return not (torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()))
+
+    def set_forward(self, forward: infer.Forward) -> None:
+        """Use the code forward (``"codes"``) or the decoding forward (``"decode"``).
+
+        ``"codes"`` frees the unpacked ``index`` (the packed codes are read instead), and a
+        call that needs a gradient still decodes the weight (deriving the index for that call).
+        ``"decode"`` derives the index again. See :mod:`dist_pgkm.pq.infer`.
+
+        Raises:
+            InvalidInputError: ``forward`` is neither ``"codes"`` nor ``"decode"``.
+        """
+        if forward not in infer.FORWARDS:
+            raise InvalidInputError(f"forward must be one of {infer.FORWARDS}, got {forward!r}.")
+        self.forward_mode = forward
+        self._outlier_delta = None
+        if self.codes.is_meta:
+            return
+        if forward == "codes":
+            self.index = self._no_index()
+        elif self.index.numel() != self.n_blocks:
+            self.index = self._full_index()
 
     def _flat_index(self, codes: torch.Tensor) -> torch.Tensor:
         """Per-book codes as ``int32`` rows of ``centroids.reshape(-1, block_size)``."""
@@ -232,11 +297,18 @@ class PQModule(nn.Module):
                 codebook, or the scales or outliers are malformed.
         """
         packed = self.codes.detach().to("cpu")
-        codes = unpack_codes(packed, self.n_blocks, bits_for(self.k))
-        _check_codes(codes, self.k, self.n_blocks, self.weight_shape)
+        if self.forward_mode == "codes":
+            _check_packed(packed, self.k, self.n_blocks, self.weight_shape)
+        else:
+            codes = unpack_codes(packed, self.n_blocks, bits_for(self.k))
+            _check_codes(codes, self.k, self.n_blocks, self.weight_shape)
         scales = None if self.scales is None else self.scales.detach()
         _check_side(self.weight_shape, SideTensors(scales, self.outlier_idx, self.outlier_val))
-        self.index = self._flat_index(codes)
+        self._outlier_delta = None
+        if self.forward_mode == "codes":
+            self.index = self._no_index()
+        else:
+            self.index = self._flat_index(codes)
 
     def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any) -> None:
         super()._load_from_state_dict(state_dict, prefix, *args)
@@ -436,6 +508,8 @@ class PQLinear(PQModule):
         return nn.Linear(in_features, out_features, bias=self.bias is not None, device="meta")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._reads_codes():
+            return infer.linear_from_codes(self, x)
         return F.linear(x, self.weight.to(x.dtype), self.bias)
 
 
@@ -471,13 +545,15 @@ class PQEmbedding(PQModule):
         return nn.Embedding(num, dim, padding_idx=self.padding_idx, device="meta")
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self._reads_codes():
+            return infer.embedding_from_codes(self, ids)
         if self.outlier_idx is not None:
             # An outlier may sit in any looked-up row: decode the whole table (same values).
             return F.embedding(ids, self.weight, self.padding_idx)
         # Decode only the looked-up rows, not the whole table: the same values and gradients
         # as F.embedding(ids, self.weight, padding_idx), whose padding row gets no gradient.
         num, dim = self.weight_shape
-        rows = self.index.view(num, dim // self.block_size)[ids]  # (*ids, dim / bs)
+        rows = self._full_index().view(num, dim // self.block_size)[ids]  # (*ids, dim / bs)
         codebook = self.centroids.reshape(-1, self.block_size)  # books stacked
         out = _gather(codebook, rows).flatten(-2)  # (*ids, dim)
         if self.scales is not None:
@@ -539,12 +615,15 @@ class PQConv2d(PQModule):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._reads_codes():
+            return infer.conv2d_from_codes(self, x)
         centroids: torch.Tensor = self.centroids
         if centroids.requires_grad and torch.is_grad_enabled():
             # Same values; each codeword's gradient becomes the mean of its members' (not the
             # sum): c + (c - c.detach()) * (1/n - 1) has value c and derivative 1/n.
             # With several books, the index counts (book, codeword) pairs: each book's own mean.
-            counts = torch.bincount(self.index, minlength=self.n_books * self.k).clamp_(min=1)
+            index = self._full_index()
+            counts = torch.bincount(index, minlength=self.n_books * self.k).clamp_(min=1)
             scale = counts.reciprocal().to(centroids.dtype).reshape(*centroids.shape[:-1], 1)
             centroids = centroids.detach() + (centroids - centroids.detach()) * scale
         weight = self._decode(centroids)

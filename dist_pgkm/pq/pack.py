@@ -12,7 +12,7 @@ import torch
 
 from dist_pgkm.errors import InvalidInputError
 
-__all__ = ["bits_for", "pack_codes", "packed_nbytes", "unpack_codes"]
+__all__ = ["bits_for", "codes_at", "pack_codes", "packed_nbytes", "unpack_codes"]
 
 _MAX_BITS = 16  # K up to 65536
 _CHUNK = 1 << 20  # codes per chunk (a multiple of 8, so chunks start on byte boundaries)
@@ -80,3 +80,31 @@ def unpack_codes(packed: torch.Tensor, n: int, bits: int) -> torch.Tensor:
         stream = ((packed[first:last].to(torch.int64)[:, None] >> shifts) & 1).reshape(-1)
         out[s : s + m] = (stream[: m * bits].view(m, bits) * values).sum(dim=1)
     return out
+
+
+def codes_at(packed: torch.Tensor, positions: torch.Tensor, bits: int) -> torch.Tensor:
+    """The codes at ``positions`` of a packed stream, without unpacking the rest.
+
+    The same values as ``unpack_codes(packed, n, bits)[positions]``: code ``i`` is read from
+    the (at most three) bytes holding bits ``[i * b, (i + 1) * b)``, so reading a tile of a
+    weight costs that tile only.
+
+    Args:
+        packed: ``uint8`` stream of :func:`pack_codes`.
+        positions: Integer tensor of any shape, each below the number of packed codes.
+        bits: Bits per code (1..16).
+
+    Returns:
+        ``int64`` codes, of ``positions``' shape.
+    """
+    if bits == 8:  # one byte per code
+        return packed[positions.to(torch.int64)].to(torch.int64)
+    first = positions.to(torch.int64) * bits  # bit offsets
+    byte, shift = first >> 3, first & 7
+    last = packed.numel() - 1
+    word = packed[byte].to(torch.int64)
+    if bits + 7 > 8:  # the code may reach into the next bytes (past the end: zero padding)
+        for extra in (1, 2):
+            nxt = packed[(byte + extra).clamp_(max=last)].to(torch.int64)
+            word |= torch.where(byte + extra <= last, nxt, 0) << (8 * extra)
+    return (word >> shift) & ((1 << bits) - 1)

@@ -501,7 +501,7 @@ def test_base_model_finds_layers_without_the_head_prefix(
 ) -> None:
     from transformers import AutoModel
 
-    model = dist_pgkm.load(tiny[0])
+    model = dist_pgkm.load(tiny[0], forward="decode")  # as from_pretrained builds them
     base = AutoModel.from_pretrained(tiny[0])  # a LlamaModel: lm_head's tensors are not used
     assert set(pq_modules(base)) == {"embed_tokens", "layers.1.mlp.up_proj"}
     assert base.config.quantization_config.layers.keys() == {"embed_tokens", "layers.1.mlp.up_proj"}
