@@ -668,6 +668,10 @@ class CalibrationPass:
     def stages(self, resume: tuple[int, torch.Tensor] | None = None) -> Iterator[StagePartials]:
         """Run the windows through the model, yielding each finished stage.
 
+        The pass runs under :func:`torch.inference_mode`, entered around each step only: a
+        context held across a ``yield`` would stay in force in the caller between stages,
+        and leak for good into it if the generator were dropped unfinished.
+
         Args:
             resume: ``(b, hidden)``: the hidden states entering block ``b`` from an earlier
                 pass over the same windows; used when no request lies in a block before
@@ -684,6 +688,20 @@ class CalibrationPass:
             InvalidInputError: Windows the model cannot take; a requested layer never
                 reached by the forward pass.
         """
+        steps = self._stages(resume)
+        try:
+            while True:
+                with torch.inference_mode():
+                    stage = next(steps, None)
+                if stage is None:
+                    return
+                yield stage
+        finally:
+            with torch.inference_mode():  # the pass's own context exits inside this one
+                steps.close()
+
+    def _stages(self, resume: tuple[int, torch.Tensor] | None) -> Iterator[StagePartials]:
+        """The body of :meth:`stages`; each step runs inside the caller's inference mode."""
         targets, model, blocks = self._targets, self._model, self._blocks
         blocks_name, n_blocks, summary = self._blocks_name, len(self._blocks), self.summary
         if not targets:

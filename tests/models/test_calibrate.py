@@ -323,6 +323,9 @@ def test_passes_over_chunk_ranges_merge_to_the_same_bytes(
     ]
     merged: dict[str, torch.Tensor] = {}
     for stages in zip(*(s.stages() for s in streams), strict=True):
+        # Interleaved passes leave the caller's autograd state alone, between stages and after.
+        assert torch.is_grad_enabled()
+        assert not torch.is_inference_mode_enabled()
         assert all(s.hidden is None for s in stages)
         stage = merge_stages(stages)
         assert stage.tokens == 6 * 64
@@ -330,3 +333,10 @@ def test_passes_over_chunk_ranges_merge_to_the_same_bytes(
     assert merged.keys() == whole.keys()
     for name, h in whole.items():
         assert h.numpy().tobytes() == merged[name].numpy().tobytes(), name
+    assert torch.is_grad_enabled()
+    assert not torch.is_inference_mode_enabled()
+    # A pass dropped before its end does not leave its inference mode behind either.
+    unfinished = CalibrationPass(open_source(smol2), SMOL_REQUESTS, parts[0], batch_size=2)
+    next(unfinished.stages())
+    assert torch.is_grad_enabled()
+    assert not torch.is_inference_mode_enabled()
