@@ -47,7 +47,7 @@ import hashlib
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -700,7 +700,9 @@ class CalibrationPass:
             with torch.inference_mode():  # the pass's own context exits inside this one
                 steps.close()
 
-    def _stages(self, resume: tuple[int, torch.Tensor] | None) -> Iterator[StagePartials]:
+    def _stages(
+        self, resume: tuple[int, torch.Tensor] | None
+    ) -> Generator[StagePartials, None, None]:
         """The body of :meth:`stages`; each step runs inside the caller's inference mode."""
         targets, model, blocks = self._targets, self._model, self._blocks
         blocks_name, n_blocks, summary = self._blocks_name, len(self._blocks), self.summary
