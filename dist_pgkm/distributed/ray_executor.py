@@ -712,21 +712,29 @@ class _Scheduler:
         if self.head is None or now - self.head_checked < 1.0:
             return
         self.head_checked = now
+        err = self._head_unreachable()
+        if err is None:
+            self.head_down_since = None
+            return
+        if self.head_down_since is None:
+            self.head_down_since = now
+            logger.warning("The Ray head at %s does not answer (%s)", self.head, err)
+        down = now - self.head_down_since
+        if down >= self.options.connect_timeout:
+            raise self._lost_cluster(
+                f"its GCS at {self.head} has refused connections for {down:.0f} s ({err})"
+            ) from err
+
+    def _head_unreachable(self) -> OSError | None:
+        """Why the head's GCS port refuses a connection now; None when it answers."""
+        if self.head is None:
+            return None
         host, _, port = self.head.rpartition(":")
         try:
             with socket.create_connection((host, int(port)), timeout=2.0):
-                pass
+                return None
         except OSError as err:
-            if self.head_down_since is None:
-                self.head_down_since = now
-                logger.warning("The Ray head at %s does not answer (%s)", self.head, err)
-            down = now - self.head_down_since
-            if down >= self.options.connect_timeout:
-                raise self._lost_cluster(
-                    f"its GCS at {self.head} has refused connections for {down:.0f} s ({err})"
-                ) from err
-            return
-        self.head_down_since = None
+            return err
 
     def _grow(self) -> None:
         """Start workers on slots that appeared since the start (nodes that joined late or
@@ -858,6 +866,13 @@ class _Scheduler:
         return True
 
     def _replace(self, slot: _Slot) -> None:
+        # A worker died while the head does not answer: Ray can neither kill it nor place a
+        # new one without its GCS (those calls would block until Ray's own 60 s limit ends
+        # the process with a C++ message), so the run ends here, saying how to resume.
+        if (err := self._head_unreachable()) is not None:
+            raise self._lost_cluster(
+                f"a worker died and its GCS at {self.head} refuses connections ({err})"
+            ) from err
         for ref, index in list(self.pending.items()):
             if index == slot.index:
                 del self.pending[ref]
