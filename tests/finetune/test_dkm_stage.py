@@ -23,6 +23,9 @@ from dist_pgkm.checkpoint.shard import read_shard
 
 from ._runs import kill_at
 
+# ~440 s on 2 quiet cores: a four-stage DKM-family fine-tuning run, then a kill and resume
+pytestmark = pytest.mark.slow
+
 CONFIG: dict[str, Any] = {
     "seed": 0,
     "quantize": {

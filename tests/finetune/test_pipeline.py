@@ -113,6 +113,7 @@ def test_staged_run_trains_and_loads(reference: Path) -> None:
     assert not torch.equal(one_shot[key], final[key])
 
 
+@pytest.mark.slow  # ~95 s on 2 quiet cores: a killed staged run and its resume
 def test_killed_run_resumes_to_the_same_bytes(
     tmp_path: Path, config_file: Path, reference: Path
 ) -> None:

@@ -27,6 +27,9 @@ pytest.importorskip(
 
 from dist_pgkm.checkpoint.shard import read_shard
 
+# ~280 s on 2 quiet cores: ZeRO-3 runs under torchrun and on Ray Train ranks
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[2]
 
 BASE: dict[str, Any] = {

@@ -318,6 +318,7 @@ def test_sbatch_fails_fast_on_a_loopback_node_address(slurm: FakeSlurm, tmp_path
     slurm.assert_all_stopped()
 
 
+@pytest.mark.slow  # ~55 s on 2 quiet cores: a SLURM job killed, requeued and resumed
 def test_sbatch_quantizes_requeues_and_resumes(
     slurm: FakeSlurm, tmp_path: Path, config_file: Path, reference: dict[str, bytes]
 ) -> None:
