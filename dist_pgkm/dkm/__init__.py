@@ -1,4 +1,4 @@
-"""Differentiable clusterers trained inside fine-tuning: DKM, IDKM, IDKM-JFB (LR²VQ to come).
+"""Differentiable clusterers trained inside fine-tuning: DKM, IDKM, IDKM-JFB and LR²VQ.
 
 See :mod:`dist_pgkm.dkm.functional` and DESIGN.md §5.
 """

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from dist_pgkm.kmeans.metric import BlockMetric
+from dist_pgkm.kmeans.block_metric import BlockMetric
 
 __all__ = ["ClusterInput", "KMeansResult", "KMeansStats"]
 

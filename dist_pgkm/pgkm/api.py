@@ -14,8 +14,8 @@ from dist_pgkm.config.kmeans import METHOD_OPTIONS, MethodOptions
 from dist_pgkm.errors import ConfigError, InvalidInputError
 from dist_pgkm.kmeans.assign import BACKENDS
 from dist_pgkm.kmeans.baselines import fairseq_em, faiss_kmeans, kmeanspp_kmeans
+from dist_pgkm.kmeans.block_metric import BlockMetric, check_metric
 from dist_pgkm.kmeans.compact import compact as compact_result
-from dist_pgkm.kmeans.metric import BlockMetric, check_metric
 from dist_pgkm.kmeans.metrics import sse_of
 from dist_pgkm.kmeans.types import ClusterInput, KMeansResult
 from dist_pgkm.kmeans.validate import check_k, check_points, check_weights
@@ -79,7 +79,7 @@ def cluster(
         compact: Merge unused and duplicate codewords; ``centroids`` then has ``k_used`` rows.
         compact_tol: Codewords closer than this (grid pitch) are duplicates; 0 means equal.
         metric: A per-group quadratic metric (activation-aware clustering, see
-            :mod:`dist_pgkm.kmeans.metric`): point ``i``'s error is ``(x_i - c)^T M_gi (x_i -
+            :mod:`dist_pgkm.kmeans.block_metric`): point ``i``'s error is ``(x_i - c)^T M_gi (x_i -
             c)``. A multiple of the identity for every point is the plain problem (the same
             bytes); one matrix shared by all points is solved by any method on the whitened
             points; a metric that differs by group needs ``pgkm``.

@@ -8,14 +8,14 @@ from functools import partial
 import torch
 
 from dist_pgkm.kmeans.assign import Assigner, make_assigner
-from dist_pgkm.kmeans.lloyd import UpdateFn, finish, lloyd, update_centroids
-from dist_pgkm.kmeans.metric import (
+from dist_pgkm.kmeans.block_metric import (
     BlockMetric,
     MetricAssigner,
     apply_metric,
     metric_distances,
     metric_update,
 )
+from dist_pgkm.kmeans.lloyd import UpdateFn, finish, lloyd, update_centroids
 from dist_pgkm.kmeans.metrics import columns
 from dist_pgkm.kmeans.types import ClusterInput, KMeansResult
 from dist_pgkm.pgkm.consolidate import consolidate as consolidate_points
@@ -59,7 +59,7 @@ def pg_kmeans(
     With a per-group metric (``inp.metric``, activation-aware clustering) the same components
     run under it: duplicates merge only within a group, the pre-assignment and the repair
     bisect the whitened points ``x_i L_g`` (where the metric is Euclidean), the search and the
-    M-step are those of :mod:`dist_pgkm.kmeans.metric`. The merge/split moves rank pairs by
+    M-step are those of :mod:`dist_pgkm.kmeans.block_metric`. The merge/split moves rank pairs by
     their Euclidean Ward cost, an approximation under the metric (the repair that follows
     bisects by the metric's SSE).
 

@@ -8,7 +8,7 @@ import torch
 from dist_pgkm import cluster
 from dist_pgkm.errors import ConfigError, InvalidInputError
 from dist_pgkm.kmeans.assign import TorchAssigner
-from dist_pgkm.kmeans.metric import (
+from dist_pgkm.kmeans.block_metric import (
     BlockMetric,
     MetricAssigner,
     metric_distances,
