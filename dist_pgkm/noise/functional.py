@@ -32,6 +32,7 @@ import torch
 from dist_pgkm.errors import InvalidInputError
 from dist_pgkm.kmeans.assign import TorchAssigner
 from dist_pgkm.pq.codec import from_subvectors, to_subvectors
+from dist_pgkm.pq.layout import block_scales, book_index_at, outlier_mask_at
 
 __all__ = [
     "NOISE_MODES",
@@ -197,35 +198,42 @@ class Codebook:
         return self._decode(centroids.to(torch.float32), blocks, index.to(blocks.device))
 
     def _decode(self, c: torch.Tensor, blocks: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """Replacement of ``blocks`` with books, scales and outliers (float32)."""
+        """Replacement of ``blocks`` with books, scales and outliers (float32), by the decode
+        functions of :mod:`dist_pgkm.pq.layout` applied to these blocks only."""
         assert self.shape is not None
         bs, k = self.block_size, int(c.shape[-2])
-        out, width = self.shape[0], math.prod(self.shape[1:])
-        n_blocks = out * width // bs
-        book = index // (n_blocks // self.n_books)  # (m,)
+        width = math.prod(self.shape[1:])
+        n_blocks = self.shape[0] * width // bs
         points = blocks.detach().to(torch.float32)  # (m, bs)
         scale = None
         if self.scales is not None:
-            per_row, group = width // bs, width // self.scales.shape[1]
             scales = self.scales.detach().to(blocks.device, torch.float32)
-            scale = scales[index // per_row, (index % per_row) * bs // group][:, None]  # (m, 1)
+            scale = block_scales(scales, index, width, bs)  # (m, 1)
             points = points / scale
         if self.codes is None:
-            codes = torch.empty_like(index)
-            for b in torch.unique(book).tolist():
-                members = (book == b).nonzero().squeeze(1)
-                book_c = c[b] if c.dim() == 3 else c  # (k, bs)
-                codes[members], _ = TorchAssigner(points[members].contiguous()).assign(book_c)
+            codes = self._nearest(c, points, index, n_blocks)
         else:
             codes = self.codes.to(index.device)[index]
-        values = c.reshape(-1, bs)[book * k + codes]  # (m, bs), as the decode gathers
+        flat = book_index_at(codes, index, n_blocks, self.n_books, k)
+        values = c.reshape(-1, bs)[flat]  # (m, bs), as the decode gathers
         if scale is not None:
             values = values * scale
-        if self.outlier_idx is not None and self.outlier_idx.numel():
-            positions = index[:, None] * bs + torch.arange(bs, device=index.device)  # (m, bs)
-            kept = torch.isin(positions, self.outlier_idx.to(index.device))
+        kept = outlier_mask_at(index, bs, self.outlier_idx)
+        if kept is not None:
             values = torch.where(kept, blocks.detach().to(torch.float32), values)
         return values
+
+    def _nearest(
+        self, c: torch.Tensor, points: torch.Tensor, index: torch.Tensor, n_blocks: int
+    ) -> torch.Tensor:
+        """Each block's nearest codeword in its own book (lowest index on ties)."""
+        book = index // (n_blocks // self.n_books)  # (m,)
+        codes = torch.empty_like(index)
+        for b in torch.unique(book).tolist():
+            members = (book == b).nonzero().squeeze(1)
+            book_c = c[b] if c.dim() == 3 else c  # (k, bs)
+            codes[members], _ = TorchAssigner(points[members].contiguous()).assign(book_c)
+        return codes
 
 
 def check_p(p: float, mode: str = "drop") -> float:

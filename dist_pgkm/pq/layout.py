@@ -23,8 +23,10 @@ __all__ = [
     "SideTensors",
     "apply_outliers",
     "apply_scales",
+    "block_scales",
     "book_index",
     "book_index_at",
+    "outlier_mask_at",
     "side_problems",
 ]
 
@@ -105,6 +107,45 @@ def apply_scales(w: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
     n_groups = scales.shape[-1]
     grouped = w.reshape(*w.shape[:-1], n_groups, -1)  # (..., n_groups, scale_group)
     return (grouped * scales.to(w.dtype).unsqueeze(-1)).reshape(w.shape)
+
+
+def block_scales(
+    scales: torch.Tensor, blocks: torch.Tensor, width: int, block_size: int
+) -> torch.Tensor:
+    """The scale of each of some blocks of a weight (a scale group holds whole blocks).
+
+    Args:
+        scales: ``(out, width / scale_group)`` scales.
+        blocks: ``(m,)`` int64 positions of the blocks among the weight's blocks (iPQ order:
+            ``width / block_size`` blocks per output row).
+        width: Input features of the weight (``prod(shape[1:])``).
+        block_size: Weights per block.
+
+    Returns:
+        ``(m, 1)`` scales, of ``scales``' dtype: dividing a block by its scale gives the point
+        the codebook saw, multiplying a codeword by it gives the decoded block.
+    """
+    per_row, group = width // block_size, width // scales.shape[1]
+    return scales[blocks // per_row, (blocks % per_row) * block_size // group][:, None]
+
+
+def outlier_mask_at(
+    blocks: torch.Tensor, block_size: int, outlier_idx: torch.Tensor | None
+) -> torch.Tensor | None:
+    """Which weights of some blocks are outliers (kept as they are, never decoded).
+
+    Args:
+        blocks: ``(m,)`` int64 positions of the blocks among the weight's blocks.
+        block_size: Weights per block.
+        outlier_idx: ``(n,)`` flat indices into the ``(out, width)`` weight, or None.
+
+    Returns:
+        ``(m, block_size)`` bool, True at an outlier; None when the weight has no outliers.
+    """
+    if outlier_idx is None or outlier_idx.numel() == 0:
+        return None
+    positions = blocks[:, None] * block_size + torch.arange(block_size, device=blocks.device)
+    return torch.isin(positions, outlier_idx.to(blocks.device))
 
 
 def apply_outliers(
