@@ -22,11 +22,10 @@ from typing import TYPE_CHECKING, Any
 
 from dist_pgkm import __version__
 from dist_pgkm.errors import DistPGKMError, InvalidInputError
+from dist_pgkm.models.offline import PACKAGED_MODELS, resolve_model
 from dist_pgkm.pgkm.api import METHODS
 
 if TYPE_CHECKING:
-    import torch
-
     from dist_pgkm.config.quantize import QuantizeConfig
 
 __all__ = ["build_parser", "main"]
@@ -296,25 +295,12 @@ def _fmt_bytes(n: float) -> str:
     return format_bytes(n, digits=1)
 
 
-_PACKAGED_MODELS = {"smollm2-135m": "smollm2_dir", "minilm-l6": "minilm_dir"}
-
-
-def _model_path(text: str) -> Path:
-    """A model argument: a path, or the name of a packaged real model (``smollm2-135m``)."""
-    path = Path(text)
-    if text in _PACKAGED_MODELS and not path.exists():
-        from dist_pgkm.models import offline
-
-        located: Path = getattr(offline, _PACKAGED_MODELS[text])()
-        return located
-    return path
-
-
 def _run_quantize(args: argparse.Namespace) -> int:
     from dist_pgkm.checkpoint.summary import describe
     from dist_pgkm.config.quantize import load_config
     from dist_pgkm.console import quantize_progress, worker_summary_lines
     from dist_pgkm.distributed.coordinator import quantize_model
+    from dist_pgkm.eval.text import calibration_ids
     from dist_pgkm.utils.threads import set_threads
 
     # The in-process path clusters here: one thread per core this process really gets.
@@ -323,10 +309,10 @@ def _run_quantize(args: argparse.Namespace) -> int:
         args.config, method=args.method, seed=args.seed, convention=args.convention
     )
     config = _with_calibration(config, args.calib, args.calib_samples)
-    model = _model_path(args.model)
+    model = resolve_model(args.model)
     calib_ids = None
     if config.needs_calibration and config.calibration.text is not None:
-        calib_ids = _calibration_ids(model, config)
+        calib_ids = calibration_ids(model, config.calibration)
     with quantize_progress() as update:
         summary = quantize_model(
             model,
@@ -401,35 +387,6 @@ def _with_calibration(
     return load_config(data)
 
 
-def _calibration_ids(model: Path, config: QuantizeConfig) -> torch.Tensor:
-    """The calibration token windows of ``config.calibration`` under the model's tokenizer."""
-    import transformers
-
-    from dist_pgkm.errors import ModelSourceError
-    from dist_pgkm.eval.text import calibration_windows, load_text
-    from dist_pgkm.models.source import open_source
-
-    source = open_source(model)
-    if source.model_dir is None:
-        raise ModelSourceError(
-            f"{model} has no model directory with a tokenizer, so the calibration text cannot "
-            "be tokenized. Pass the Hugging Face directory of the model (config.json and "
-            "tokenizer files next to the weights)."
-        )
-    auto: Any = transformers.AutoTokenizer
-    try:
-        tokenizer = auto.from_pretrained(str(source.model_dir))
-    except (OSError, ValueError) as exc:
-        raise ModelSourceError(
-            f"Cannot load the tokenizer of {source.model_dir} ({exc}); the calibration text "
-            "cannot be tokenized. Copy the model's tokenizer files next to its config.json."
-        ) from exc
-    cal = config.calibration
-    assert cal.text is not None  # the caller checks
-    text = load_text([cal.text])
-    return calibration_windows(tokenizer, text, cal.samples, cal.seq_len)
-
-
 def _calibration_line(calibration: dict[str, Any], metrics: dict[str, str]) -> str:
     aware = sum(1 for metric in metrics.values() if metric != "weight")
     if calibration.get("blocks_run"):
@@ -462,7 +419,7 @@ def _register_quantize(subparsers: Subparsers, parents: list[argparse.ArgumentPa
     p.add_argument(
         "model",
         help="HF model dir, .safetensors file, GGUF file/dir, or a packaged model: "
-        + ", ".join(_PACKAGED_MODELS),
+        + ", ".join(PACKAGED_MODELS),
     )
     p.add_argument("--config", required=True, type=Path, metavar="CFG", help="YAML config")
     p.add_argument("--out", required=True, type=Path, metavar="DIR", help="output directory")
@@ -571,7 +528,7 @@ def _run_finetune(args: argparse.Namespace) -> int:
     from dist_pgkm.finetune.pipeline import finetune_model
 
     config = load_finetune_config(args.config)
-    model_dir = _model_path(args.model)
+    model_dir = resolve_model(args.model)
     auto: Any = transformers.AutoTokenizer
     tokenizer = auto.from_pretrained(str(model_dir))
     text = config.train.text
@@ -688,12 +645,11 @@ def _run_lr2vq_rank(args: argparse.Namespace) -> int:
 
     from dist_pgkm.config.quantize import load_config, name_matches
     from dist_pgkm.distributed.plan import plan_run
-    from dist_pgkm.dkm.lr2vq import choose_rank
+    from dist_pgkm.dkm.lr2vq import LayerRank, layer_rank
     from dist_pgkm.models.layers import find_layers
     from dist_pgkm.models.source import open_source
-    from dist_pgkm.pq.codec import to_subvectors
 
-    source = open_source(_model_path(args.model))
+    source = open_source(resolve_model(args.model))
     jobs = list(plan_run(find_layers(source), load_config(args.config)).jobs)
     if args.match:
         jobs = [job for job in jobs if name_matches(args.match, job.name)]
@@ -702,17 +658,16 @@ def _run_lr2vq_rank(args: argparse.Namespace) -> int:
             f"--match {' '.join(args.match)} selects none of the layers {args.config} quantizes; "
             "patterns are exact names or full-match `re:` regexes."
         )
-    rows: list[dict[str, Any]] = []
+    rows: list[LayerRank] = []
     with _progress() as update:
         for i, job in enumerate(jobs):
             update(i, len(jobs), f"{job.name}: ranks")
-            sub = to_subvectors(source.read(job.tensor).float(), job.block_size, job.name)
-            choice = choose_rank(sub, job.k, sample=args.sample, seed=job.seed)
-            norm = float(sub.pow(2).sum()) or 1.0
-            rows.append({
-                "layer": job.name, "block_size": job.block_size, "k": job.k, "rank": choice.d,
-                "relative_error": {d: choice.total(d) / norm for d in choice.low_rank_error},
-            })  # fmt: skip
+            weight = source.read(job.tensor)
+            rows.append(
+                layer_rank(
+                    job.name, weight, job.block_size, job.k, sample=args.sample, seed=job.seed
+                )
+            )
         update(len(jobs), len(jobs), "done")
     table = Table(title="LR²VQ rank per layer (smallest d within 2% of the best total error)")
     for column in ("layer", "m", "k", "d", "error at each candidate d (of ‖X‖²)"):
@@ -720,17 +675,17 @@ def _run_lr2vq_rank(args: argparse.Namespace) -> int:
             column, justify="left" if column.startswith(("layer", "error")) else "right"
         )
     for row in rows:
-        errors = ", ".join(f"{d}: {e:.3f}" for d, e in row["relative_error"].items())
-        table.add_row(row["layer"], str(row["block_size"]), str(row["k"]), str(row["rank"]), errors)
+        errors = ", ".join(f"{d}: {e:.3f}" for d, e in row.relative_error.items())
+        table.add_row(row.layer, str(row.block_size), str(row.k), str(row.rank), errors)
     console = _stdout_console()
     console.print(table)
-    chosen = sorted({row["rank"] for row in rows})
+    chosen = sorted({row.rank for row in rows})
     console.print(
         f"{len(rows)} layers; ranks chosen: {', '.join(map(str, chosen))}. Put one in a stage as "
         "`dkm: {rank: D}`, or `rank: auto` to apply this rule when the stage starts."
     )
     if args.json is not None:
-        write_json_file(args.json, rows)
+        write_json_file(args.json, [row.as_dict() for row in rows])
     return 0
 
 
@@ -1313,70 +1268,36 @@ def _register_bench_ptq(subparsers: Subparsers, parents: list[argparse.ArgumentP
     p.set_defaults(handler=_run_bench_ptq)
 
 
-def _is_causal_lm(model_dir: Path) -> bool:
-    import json
-
-    try:
-        config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return True
-    return any(a.endswith("ForCausalLM") for a in config.get("architectures") or [])
-
-
 def _run_eval(args: argparse.Namespace) -> int:
-    import json
+    from dist_pgkm.eval.evaluation import evaluate
 
-    import transformers
-
-    import dist_pgkm
-    from dist_pgkm.errors import ModelSourceError
-    from dist_pgkm.eval import (
-        load_text,
-        perplexity,
-        retrieval_accuracy,
-        retrieval_pairs,
-        token_windows,
-    )
-
-    model_dir = _model_path(args.model)
-    if not (model_dir / "config.json").is_file():
-        raise ModelSourceError(
-            f"{model_dir}: no config.json; `eval` needs a Hugging Face model directory or the "
-            "--out directory of `dist-pgkm quantize`."
+    with _progress() as update:
+        result = evaluate(
+            resolve_model(args.model),
+            args.task,
+            text=args.text,
+            tokens=args.tokens,
+            window=args.window,
+            batch_size=args.batch_size,
+            pairs=args.pairs,
+            verify=False if args.no_verify else None,
+            progress=update,
         )
-    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
-    quantized = config.get("quantization_config", {}).get("quant_method") == "pgkm"
-    task = args.task or ("ppl" if _is_causal_lm(model_dir) else "retrieval")
-    auto: Any = transformers.AutoTokenizer
-    tokenizer = auto.from_pretrained(str(model_dir))
-    if quantized:
-        model = dist_pgkm.load(model_dir, verify=False if args.no_verify else None)
-    else:
-        cls: Any = transformers.AutoModelForCausalLM if task == "ppl" else transformers.AutoModel
-        model = cls.from_pretrained(str(model_dir))
-    result: dict[str, Any] = {"model": str(model_dir), "task": task, "quantized": quantized}
     console = _stdout_console()
-    if task == "ppl":
-        windows = token_windows(
-            tokenizer, load_text(args.text), window=args.window, n_tokens=args.tokens
-        )
-        with _progress() as update:
-            ppl = perplexity(model, windows, batch_size=args.batch_size, progress=update)
-        result.update(ppl.as_dict())
-        result["text"] = [str(t) for t in args.text] or ["wordnet"]
+    if result.perplexity is not None:
+        ppl = result.perplexity
         console.print(
-            f"{model_dir}: perplexity {ppl.ppl:,.2f} on {ppl.n_tokens} predicted tokens "
+            f"{result.model}: perplexity {ppl.ppl:,.2f} on {ppl.n_tokens} predicted tokens "
             f"({ppl.n_windows} windows of {args.window}) in {ppl.seconds:.1f} s"
         )
-    else:
-        retrieval = retrieval_accuracy(model, tokenizer, retrieval_pairs(args.pairs))
-        result.update(retrieval.as_dict())
+    if result.retrieval is not None:
+        retrieval = result.retrieval
         console.print(
-            f"{model_dir}: retrieval top-1 {retrieval.top1:.3f} over {retrieval.n} WordNet "
+            f"{result.model}: retrieval top-1 {retrieval.top1:.3f} over {retrieval.n} WordNet "
             f"glosses against {retrieval.n_candidates} lemmas in {retrieval.seconds:.1f} s"
         )
     if args.json is not None:
-        write_json_file(args.json, result)
+        write_json_file(args.json, result.as_dict())
     return 0
 
 
@@ -1437,8 +1358,9 @@ def _run_generate(args: argparse.Namespace) -> int:
 
     import dist_pgkm
     from dist_pgkm.errors import ModelSourceError
+    from dist_pgkm.eval.evaluation import is_causal_lm
 
-    model_dir = _model_path(args.model)
+    model_dir = resolve_model(args.model)
     try:
         config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
@@ -1446,7 +1368,7 @@ def _run_generate(args: argparse.Namespace) -> int:
             f"{model_dir}: no readable config.json; `generate` needs the --out directory of "
             "`dist-pgkm quantize` or a Hugging Face causal LM directory."
         ) from exc
-    if not _is_causal_lm(model_dir):
+    if not is_causal_lm(model_dir):
         raise ModelSourceError(
             f"{model_dir}: {config.get('architectures')} is not a causal LM; `generate` needs "
             "one (*ForCausalLM)."
