@@ -322,3 +322,17 @@ def test_minilm_dir_loads_as_bert_with_22_7m_params() -> None:
     assert model.config.num_hidden_layers == 6
     n_params = sum(p.numel() for p in model.parameters())
     assert abs(n_params - MINILM_PARAMS) <= PARAMS_TOL, n_params
+
+
+def test_resolve_model_names_the_packaged_models_unless_a_path_exists(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(offline, "smollm2_dir", lambda: tmp_path / "smollm2")
+    monkeypatch.setattr(offline, "minilm_dir", lambda: tmp_path / "minilm")
+    monkeypatch.chdir(tmp_path)
+    assert offline.resolve_model("smollm2-135m") == tmp_path / "smollm2"
+    assert offline.resolve_model("minilm-l6") == tmp_path / "minilm"
+    assert offline.resolve_model("some/dir") == Path("some/dir")
+    (tmp_path / "minilm-l6").mkdir()  # a directory of that name wins over the package
+    assert offline.resolve_model("minilm-l6") == Path("minilm-l6")
+    assert offline.PACKAGED_MODELS == ("smollm2-135m", "minilm-l6")

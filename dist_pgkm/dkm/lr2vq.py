@@ -20,6 +20,8 @@ such (docs/dkm.md):
 :func:`choose_rank` is the rule for ``d`` before fine-tuning: for each candidate it adds the
 low-rank error (the discarded singular values) and the error of PG k-means in the
 ``d``-dimensional space, and takes the smallest ``d`` whose sum is within 2% of the best.
+:func:`layer_rank` applies it to one layer's weight (``dist-pgkm lr2vq-rank`` prints one row
+per layer the quantize config selects).
 """
 
 from __future__ import annotations
@@ -30,8 +32,18 @@ from dataclasses import dataclass
 import torch
 
 from dist_pgkm.errors import InvalidInputError
+from dist_pgkm.pq.codec import to_subvectors
 
-__all__ = ["LowRank", "RankChoice", "choose_rank", "kmeans_error", "low_rank", "lr2vq_bits"]
+__all__ = [
+    "LayerRank",
+    "LowRank",
+    "RankChoice",
+    "choose_rank",
+    "kmeans_error",
+    "layer_rank",
+    "low_rank",
+    "lr2vq_bits",
+]
 
 
 @dataclass
@@ -145,3 +157,56 @@ def choose_rank(
     best = min(low[d] + clus[d] for d in cands)
     chosen = next(d for d in cands if low[d] + clus[d] <= (1 + rel_tol) * best)
     return RankChoice(chosen, low, clus)
+
+
+@dataclass(frozen=True)
+class LayerRank:
+    """:func:`layer_rank`'s result for one layer.
+
+    Attributes:
+        layer: The layer's name.
+        block_size: ``m``, the sub-vector size.
+        k: Clusters.
+        rank: The chosen ``d``.
+        relative_error: Per candidate ``d``: low-rank plus clustering error, as a fraction of
+            the sub-vectors' ``‖X‖²``.
+    """
+
+    layer: str
+    block_size: int
+    k: int
+    rank: int
+    relative_error: dict[int, float]
+
+    def as_dict(self) -> dict[str, object]:
+        """JSON-ready values (``dist-pgkm lr2vq-rank --json``)."""
+        return {
+            "layer": self.layer,
+            "block_size": self.block_size,
+            "k": self.k,
+            "rank": self.rank,
+            "relative_error": dict(self.relative_error),
+        }
+
+
+def layer_rank(
+    name: str, weight: torch.Tensor, block_size: int, k: int, *, sample: int = 16384, seed: int = 0
+) -> LayerRank:
+    """:func:`choose_rank` on a layer's weight, cut into sub-vectors of ``block_size``.
+
+    Args:
+        name: The layer's name (in errors and the result).
+        weight: Its weight, in any float dtype (clustered in float32).
+        block_size: Sub-vector size ``m`` (the iPQ layout of :mod:`dist_pgkm.pq.codec`).
+        k: Clusters.
+        sample: Sub-vectors sampled (see :func:`choose_rank`).
+        seed: Seed of the sample and of the k-means runs.
+
+    Raises:
+        InvalidInputError: The weight's width is not a multiple of ``block_size``.
+    """
+    sub = to_subvectors(weight.float(), block_size, name)
+    choice = choose_rank(sub, k, sample=sample, seed=seed)
+    norm = float(sub.pow(2).sum()) or 1.0
+    errors = {d: choice.total(d) / norm for d in choice.low_rank_error}
+    return LayerRank(name, block_size, k, choice.d, errors)

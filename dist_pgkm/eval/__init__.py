@@ -4,12 +4,17 @@
   wikitext-2) and disjoint ``eval`` / ``calib`` token windows cut from them.
 * :mod:`~dist_pgkm.eval.perplexity`: perplexity of a causal LM on those windows.
 * :mod:`~dist_pgkm.eval.retrieval`: gloss-to-word retrieval for sentence-embedding models.
+* :mod:`~dist_pgkm.eval.evaluation`: :func:`evaluate`, a model directory (quantized or not)
+  loaded and measured by one of the two, as ``dist-pgkm eval`` does.
 
-Nothing here imports transformers: models and tokenizers are passed in.
+Models and tokenizers are passed in, except to :func:`evaluate` and
+:func:`~dist_pgkm.eval.text.calibration_ids`, which load them from a model directory; they
+import transformers when called, nothing here does at import time.
 """
 
 from __future__ import annotations
 
+from dist_pgkm.eval.evaluation import Evaluation, evaluate, is_causal_lm
 from dist_pgkm.eval.perplexity import PerplexityResult, ProgressCallback, perplexity
 from dist_pgkm.eval.retrieval import (
     RetrievalResult,
@@ -20,6 +25,7 @@ from dist_pgkm.eval.retrieval import (
 )
 from dist_pgkm.eval.text import (
     CORPORA,
+    calibration_ids,
     calibration_windows,
     load_text,
     token_windows,
@@ -30,12 +36,16 @@ from dist_pgkm.eval.text import (
 
 __all__ = [
     "CORPORA",
+    "Evaluation",
     "PerplexityResult",
     "ProgressCallback",
     "RetrievalResult",
+    "calibration_ids",
     "calibration_windows",
     "definition",
     "embed",
+    "evaluate",
+    "is_causal_lm",
     "load_text",
     "perplexity",
     "retrieval_accuracy",

@@ -14,7 +14,8 @@ With internet access, ``wikitext-2`` (the raw test split of WikiText-2, through 
 :func:`token_windows` (:func:`tokenize` then :func:`windows_from_ids`) cuts a tokenized corpus
 into non-overlapping windows and hands out two disjoint sets of them, ``"eval"`` and
 ``"calib"``, so that calibration never sees evaluation text. :func:`calibration_windows` is
-the ``"calib"`` split as ``quantize --calib`` uses it.
+the ``"calib"`` split as ``quantize --calib`` uses it; :func:`calibration_ids` the same for a
+model and a config's ``calibration`` section (it loads the model's tokenizer).
 """
 
 from __future__ import annotations
@@ -26,11 +27,14 @@ import logging
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import torch
 
-from dist_pgkm.errors import DataError, InvalidInputError
+from dist_pgkm.errors import DataError, InvalidInputError, ModelSourceError
+
+if TYPE_CHECKING:
+    from dist_pgkm.config.quantize import CalibrationConfig
 
 __all__ = [
     "CORPORA",
@@ -38,6 +42,7 @@ __all__ = [
     "WORDNET_NOUNS",
     "Split",
     "TextTokenizer",
+    "calibration_ids",
     "calibration_windows",
     "load_text",
     "token_windows",
@@ -292,6 +297,53 @@ def calibration_windows(
             f"text (another corpus, or a larger file), {fewer}or lower calibration.seq_len."
         )
     return windows_from_ids(ids, seq_len, samples * seq_len, "calib")
+
+
+def calibration_ids(model: str | Path, calibration: CalibrationConfig) -> torch.Tensor:
+    """The calibration token windows of a quantize config's ``calibration`` under the model's
+    tokenizer: what ``quantize_model(calib_ids=...)`` takes for rules with ``metric: hessian``.
+
+    Args:
+        model: The model as ``quantize_model`` takes it; its Hugging Face directory must hold
+            the tokenizer files.
+        calibration: ``config.calibration``: the text (a corpus name or a file, see
+            :func:`load_text`), ``samples`` and ``seq_len``.
+
+    Returns:
+        ``(calibration.samples, calibration.seq_len)`` int64 token ids
+        (:func:`calibration_windows`).
+
+    Raises:
+        InvalidInputError: ``calibration.text`` is not set, or the text is too short.
+        ModelSourceError: The model has no directory with a tokenizer, or its tokenizer does
+            not load.
+    """
+    import transformers
+
+    from dist_pgkm.models.source import open_source
+
+    if calibration.text is None:
+        raise InvalidInputError(
+            "calibration.text is not set: name a corpus (wordnet, debian-reference, wikitext-2) "
+            "or a text file in the config's calibration section."
+        )
+    source = open_source(model)
+    if source.model_dir is None:
+        raise ModelSourceError(
+            f"{model} has no model directory with a tokenizer, so the calibration text cannot "
+            "be tokenized. Pass the Hugging Face directory of the model (config.json and "
+            "tokenizer files next to the weights)."
+        )
+    auto: Any = transformers.AutoTokenizer
+    try:
+        tokenizer = auto.from_pretrained(str(source.model_dir))
+    except (OSError, ValueError) as exc:
+        raise ModelSourceError(
+            f"Cannot load the tokenizer of {source.model_dir} ({exc}); the calibration text "
+            "cannot be tokenized. Copy the model's tokenizer files next to its config.json."
+        ) from exc
+    text = load_text([calibration.text])
+    return calibration_windows(tokenizer, text, calibration.samples, calibration.seq_len)
 
 
 def _read_source(source: str | Path) -> str:

