@@ -64,7 +64,11 @@ def register(subparsers: Subparsers, parents: list[argparse.ArgumentParser]) -> 
             "held-out windows of real text, or WordNet gloss-to-lemma retrieval for encoders."
         ),
     )
-    p.add_argument("model", help="quantized DIR, HF model dir, or a packaged model name")
+    p.add_argument(
+        "model",
+        help="quantized DIR, HF model dir, GGUF file (or a dir holding one), .safetensors file "
+        "beside its config.json, or a packaged model name",
+    )
     p.add_argument(
         "--text",
         action="append",

@@ -14,7 +14,7 @@ import transformers when called, nothing here does at import time.
 
 from __future__ import annotations
 
-from dist_pgkm.eval.evaluation import Evaluation, evaluate, is_causal_lm
+from dist_pgkm.eval.evaluation import Evaluation, evaluate, is_causal_lm, model_directory
 from dist_pgkm.eval.perplexity import PerplexityResult, ProgressCallback, perplexity
 from dist_pgkm.eval.retrieval import (
     RetrievalResult,
@@ -47,6 +47,7 @@ __all__ = [
     "evaluate",
     "is_causal_lm",
     "load_text",
+    "model_directory",
     "perplexity",
     "retrieval_accuracy",
     "retrieval_pairs",

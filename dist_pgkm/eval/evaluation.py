@@ -19,7 +19,7 @@ from dist_pgkm.eval.perplexity import PerplexityResult, ProgressCallback, perple
 from dist_pgkm.eval.retrieval import RetrievalResult, retrieval_accuracy, retrieval_pairs
 from dist_pgkm.eval.text import load_text, token_windows
 
-__all__ = ["Evaluation", "Task", "evaluate", "is_causal_lm"]
+__all__ = ["Evaluation", "Task", "evaluate", "is_causal_lm", "model_directory"]
 
 Task = Literal["ppl", "retrieval"]
 
@@ -29,7 +29,7 @@ class Evaluation:
     """What :func:`evaluate` measured.
 
     Attributes:
-        model: The model directory.
+        model: The model as given (a directory, or a GGUF / safetensors file).
         task: ``"ppl"`` or ``"retrieval"``.
         quantized: Whether the directory is a dist-pgkm checkpoint.
         perplexity: The result of ``task="ppl"`` (None otherwise).
@@ -73,6 +73,35 @@ def is_causal_lm(model_dir: Path) -> bool:
     return any(a.endswith("ForCausalLM") for a in config.get("architectures") or [])
 
 
+def model_directory(model: str | Path) -> Path:
+    """The directory :func:`evaluate` loads for ``model``: what ``quantize`` takes, evaluated.
+
+    A directory with a ``config.json`` (a Hugging Face model, a dist-pgkm checkpoint) is itself.
+    Anything else is opened as ``quantize`` opens its MODEL
+    (:func:`dist_pgkm.models.source.open_source`): a GGUF file, or a directory holding one, is
+    the Hugging Face directory converted from it (converted on first use, then cached), so the
+    perplexity is that of the weights ``quantize`` reads; a ``.safetensors`` file is the
+    directory holding it with its ``config.json``.
+
+    Raises:
+        ModelSourceError: ``model`` cannot be opened, or has no ``config.json`` to build the
+            model from (a bare ``.safetensors`` file).
+    """
+    path = Path(model)
+    if (path / "config.json").is_file():
+        return path
+    from dist_pgkm.models.source import open_source
+
+    source = open_source(path)
+    if source.model_dir is None or not (source.model_dir / "config.json").is_file():
+        raise ModelSourceError(
+            f"{path}: no config.json beside the weights; `eval` builds the model from a Hugging "
+            "Face model directory, the --out directory of `dist-pgkm quantize`, or a GGUF file. "
+            "Put the model's config.json (and tokenizer files) next to the .safetensors file."
+        )
+    return source.model_dir
+
+
 def evaluate(
     model_dir: str | Path,
     task: Task | None = None,
@@ -88,8 +117,10 @@ def evaluate(
     """Evaluate a quantized checkpoint or an original model the same way.
 
     Args:
-        model_dir: A dist-pgkm checkpoint (the ``--out`` directory of quantize or finetune) or
-            a Hugging Face model directory.
+        model_dir: A dist-pgkm checkpoint (the ``--out`` directory of quantize or finetune), a
+            Hugging Face model directory, or any other model ``quantize`` takes (a GGUF file or
+            a directory holding one, a ``.safetensors`` file beside its ``config.json``; see
+            :func:`model_directory`).
         task: ``"ppl"``: perplexity on held-out windows of real text; ``"retrieval"``: WordNet
             gloss-to-lemma top-1 for sentence encoders. None: ``"ppl"`` for causal LMs
             (:func:`is_causal_lm`), ``"retrieval"`` otherwise.
@@ -107,19 +138,15 @@ def evaluate(
         The :class:`Evaluation`.
 
     Raises:
-        ModelSourceError: ``model_dir`` has no ``config.json``.
+        ModelSourceError: ``model_dir`` is none of these (:func:`model_directory`).
         InvalidInputError: The text is too short for ``tokens``, or the options are invalid.
     """
     import transformers
 
     from dist_pgkm.checkpoint.hf import load
 
-    model_dir = Path(model_dir)
-    if not (model_dir / "config.json").is_file():
-        raise ModelSourceError(
-            f"{model_dir}: no config.json; `eval` needs a Hugging Face model directory or the "
-            "--out directory of `dist-pgkm quantize`."
-        )
+    given = Path(model_dir)
+    model_dir = model_directory(given)
     config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
     quantized = config.get("quantization_config", {}).get("quant_method") == "pgkm"
     task = task or ("ppl" if is_causal_lm(model_dir) else "retrieval")
@@ -134,6 +161,6 @@ def evaluate(
         windows = token_windows(tokenizer, load_text(list(text)), window=window, n_tokens=tokens)
         ppl = perplexity(model, windows, batch_size=batch_size, progress=progress)
         names = tuple(str(t) for t in text) or ("wordnet",)
-        return Evaluation(model_dir, task, quantized, perplexity=ppl, text=names)
+        return Evaluation(given, task, quantized, perplexity=ppl, text=names)
     retrieval = retrieval_accuracy(model, tokenizer, retrieval_pairs(pairs))
-    return Evaluation(model_dir, task, quantized, retrieval=retrieval)
+    return Evaluation(given, task, quantized, retrieval=retrieval)
