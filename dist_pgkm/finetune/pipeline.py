@@ -454,9 +454,10 @@ class _Run:
         for job in jobs:
             module = self.model.get_submodule(job.name)
             assert isinstance(module, PQModule), job.name
-            stats = KMeansStats("finetuned", "none", module.n_blocks, module.block_size, module.k)
-            q = module.quantized(stats, metric=self.metrics.get(job.name, "weight"))
-            tensors, meta = encode_layer(job.name, q, dtype, kind=job.kind, k=job.k)
+            q = module.quantized(metric=self.metrics.get(job.name, "weight"))
+            # The header records how the codebook was made: trained, not clustered.
+            made = KMeansStats("finetuned", "none", module.n_blocks, module.block_size, module.k)
+            tensors, meta = encode_layer(job.name, q, dtype, kind=job.kind, k=job.k, stats=made)
             rel = shard_path(job.name)
             write_shard(self.out / rel, tensors, meta)
             layers.append(QuantizedLayer(job.name, job.tensor, self.out / rel, job.tied))

@@ -22,7 +22,6 @@ from dist_pgkm.config.finetune import FinetuneConfig, Stage
 from dist_pgkm.distributed.coordinator import shard_path
 from dist_pgkm.distributed.plan import LayerJob
 from dist_pgkm.errors import CheckpointError
-from dist_pgkm.kmeans.types import KMeansStats
 from dist_pgkm.noise import Codebook, QuantNoise, add_quant_noise
 from dist_pgkm.pq.modules import PQModule, pq_module_for
 from dist_pgkm.pq.quantize import QuantizedWeight, quantize_weight
@@ -139,10 +138,9 @@ def freeze_dkm(model: nn.Module, dkm: Any, jobs: Sequence[LayerJob]) -> None:
     """End of a DKM stage: hard-assign every layer and swap in PQ modules (codes fixed)."""
     for job in jobs:
         centroids, codes = dkm[job.name].export()
-        stats = KMeansStats("dkm-export", "none", codes.numel(), job.block_size, job.k)
         weight = model.get_submodule(job.name).weight
         assert isinstance(weight, torch.Tensor)
-        swap_in(model, job, QuantizedWeight(centroids, codes, tuple(weight.shape), stats))
+        swap_in(model, job, QuantizedWeight(centroids, codes, tuple(weight.shape)))
     dkm.remove()
 
 
