@@ -178,10 +178,7 @@ def finetune_model(
     source = open_source(model)
     plan = plan_run(find_layers(source), config.quantize)
     stages = stage_layers(plan.jobs, config)
-    if config.train.objective == "causal-lm":
-        sequences = training_sequences(train_ids, config.train.seq_len)
-    else:
-        sequences = padded_sentences(train_ids, config.train.seq_len)
+    sequences = _sequences(config, train_ids)
     rank, world = ds_engine.init_distributed()
     ranks = Ranks(rank, world)
     if world > 1 and workers:
@@ -192,13 +189,7 @@ def finetune_model(
         )
     # One global batch per step (batch_size per rank), each rank takes its slice.
     batches = Batches(sequences, config.train.batch_size * world, config.seed)
-    fingerprint = {
-        "dist_pgkm_version": package_version(),
-        "config": config.sha256,
-        "source": hashlib.sha256(json.dumps(source.fingerprint()).encode()).hexdigest(),
-        "text": hashlib.sha256(train_ids.numpy().tobytes()).hexdigest(),
-        "ranks": world,
-    }
+    fingerprint = _fingerprint(config, source, train_ids, world)
     lock = exclusive_run(out) if ranks.leader else contextlib.nullcontext()
     with lock:
         state: RunState = ranks.on_leader(lambda: RunState.open(out, fingerprint, resume))
@@ -223,6 +214,26 @@ def finetune_model(
         tokens_per_second=run.tokens_per_second(),
         ranks=world,
     )
+
+
+def _sequences(config: FinetuneConfig, train_ids: torch.Tensor) -> torch.Tensor:
+    """The training sequences of the objective: windows of the text, or padded sentences."""
+    if config.train.objective == "causal-lm":
+        return training_sequences(train_ids, config.train.seq_len)
+    return padded_sentences(train_ids, config.train.seq_len)
+
+
+def _fingerprint(
+    config: FinetuneConfig, source: Any, train_ids: torch.Tensor, world: int
+) -> dict[str, Any]:
+    """What a run is: package version, config, source files, text and number of ranks."""
+    return {
+        "dist_pgkm_version": package_version(),
+        "config": config.sha256,
+        "source": hashlib.sha256(json.dumps(source.fingerprint()).encode()).hexdigest(),
+        "text": hashlib.sha256(train_ids.numpy().tobytes()).hexdigest(),
+        "ranks": world,
+    }
 
 
 def _on_ray_train(
@@ -308,16 +319,7 @@ class _Run:
 
     def execute(self, batches: Batches, progress: Progress | None) -> None:
         torch.manual_seed(self.config.seed)
-        self.model, teacher = self._load_models()
-        pad_id = (
-            pad_token_id(self.model) if self.config.train.objective == "embedding-distill" else 0
-        )
-        if self.config.train.objective == "embedding-distill":
-            # The target is the original's embedding without dropout; train-mode dropout
-            # (0.1 in BERT) alone puts the student 0.055 (1 - cos) away from it on MiniLM.
-            for module in self.model.modules():
-                if isinstance(module, nn.Dropout):
-                    module.p = 0.0
+        self.model, teacher, pad_id = self._load_models()
         self.trainer = Trainer(
             self.model, self.config, self.state, batches, self.ranks,
             objective(self.config.train, teacher, pad_id), self.out / "deepspeed", progress,
@@ -343,8 +345,9 @@ class _Run:
             self.state.data.update(stage=i + 1, phase="quantize")
             self.state.save()
 
-    def _load_models(self) -> tuple[nn.Module, nn.Module | None]:
-        """The model to train and, when the objective needs it, the original (frozen)."""
+    def _load_models(self) -> tuple[nn.Module, nn.Module | None, int]:
+        """The model to train; the original (frozen) when the objective needs it; the padding
+        token of a sentence encoder (0 for a causal LM)."""
         import transformers
 
         train = self.config.train
@@ -358,7 +361,15 @@ class _Run:
         if train.distill > 0 or train.objective == "embedding-distill":
             teacher = auto.from_pretrained(self.model_dir, dtype=torch.float32)
             teacher.eval().requires_grad_(False)
-        return model, teacher
+        if train.objective != "embedding-distill":
+            return model, teacher, 0
+        pad_id = pad_token_id(model)
+        # The target is the original's embedding without dropout; train-mode dropout
+        # (0.1 in BERT) alone puts the student 0.055 (1 - cos) away from it on MiniLM.
+        for module in model.modules():
+            if isinstance(module, nn.Dropout):
+                module.p = 0.0
+        return model, teacher, pad_id
 
     def _quantize_stage(self, i: int) -> None:
         st.quantize_stage(
