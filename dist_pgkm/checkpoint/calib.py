@@ -41,8 +41,8 @@ from typing import Any
 
 import torch
 
-from dist_pgkm.checkpoint.atomic import atomic_write_json
 from dist_pgkm.checkpoint.shard import file_sha256
+from dist_pgkm.checkpoint.store import RunStore
 from dist_pgkm.checkpoint.writer import Entry, write_safetensors
 from dist_pgkm.errors import CheckpointError
 from dist_pgkm.models.calibrate import diagonal_blocks
@@ -172,13 +172,16 @@ def read_hessian(
     return tensor if block_size is None else diagonal_blocks(tensor, block_size)
 
 
-class CalibStore:
+class CalibStore(RunStore):
     """A calibration folder: ``H`` files, their sha256s, the resume point.
 
     Use :meth:`open` (``OUT/calib``) or :meth:`at` (a cache folder); the coordinator (the only
     writer) calls :meth:`add` after each stage of the calibration and :meth:`complete` at its
-    end.
+    end. Another calibration's folder is cleared, not refused: its files are only a cache.
     """
+
+    STATE_NAME = _INDEX
+    IDENTITY_KEY = "identity"
 
     def __init__(
         self,
@@ -188,9 +191,8 @@ class CalibStore:
         checkpoint_every: float,
         clock: Callable[[], float],
     ) -> None:
-        self.dir = Path(directory)
+        super().__init__(directory, data)
         self.identity = identity
-        self._data = data
         self._every = checkpoint_every
         self._clock = clock
         self._last_hidden = clock()
@@ -235,24 +237,25 @@ class CalibStore:
         Returns:
             The store; files recorded under another identity are deleted first.
         """
-        directory = Path(directory)
-        index = directory / _INDEX
-        data: dict[str, Any] | None = None
-        if index.is_file():
-            try:
-                data = json.loads(index.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                data = None
-            if not isinstance(data, dict) or data.get("identity") != identity:
-                logger.warning("%s belongs to another calibration; starting it again", directory)
-                data = None
-                _clear(directory)
+        data = cls.resumable(directory, identity)
         if data is None:
             data = {"identity": identity, "hessians": {}, "without_input": [], "hidden": None}
             data["complete"] = False
         store = cls(directory, identity, data, checkpoint_every, clock)
         store.verify()
         return store
+
+    @classmethod
+    def read_state(cls, path: Path) -> Any:
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None  # unreadable: cleared like another calibration's
+
+    @classmethod
+    def refuse(cls, directory: Path, data: Any, identity: Any) -> None:
+        logger.warning("%s belongs to another calibration; starting it again", directory)
+        _clear(directory)
 
     # --- state ---------------------------------------------------------------------------------
 
@@ -262,25 +265,19 @@ class CalibStore:
         Returns:
             The layers whose file was missing or modified (they will be collected again).
         """
-        bad = []
-        for name, record in list(self._data["hessians"].items()):
-            path = self.dir / record["file"]
-            if not path.is_file() or file_sha256(path) != record["sha256"]:
-                bad.append(name)
-                del self._data["hessians"][name]
-        hidden = self._data.get("hidden")
-        if hidden is not None:
+        bad = self.drop_changed(self.data["hessians"], "file")
+        hidden = self.data.get("hidden")
+        if hidden is not None and not self.intact(hidden["file"], hidden["sha256"]):
             path = self.dir / hidden["file"]
-            if not path.is_file() or file_sha256(path) != hidden["sha256"]:
-                logger.warning("%s is missing or modified; not resuming from it", path)
-                self._data["hidden"] = None
-                bad.append(_HIDDEN)
+            logger.warning("%s is missing or modified; not resuming from it", path)
+            self.data["hidden"] = None
+            bad.append(_HIDDEN)
         for name in bad:
             if name != _HIDDEN:
                 logger.warning("Calibration file of %s is missing or corrupt; redoing it", name)
         if bad:
-            self._data["complete"] = False
-            self._save()
+            self.data["complete"] = False
+            self.save()
         return [name for name in bad if name != _HIDDEN]
 
     @property
@@ -292,13 +289,13 @@ class CalibStore:
                 record["sha256"],
                 int(record.get("block_size", 0)),
             )
-            for name, record in self._data["hessians"].items()
+            for name, record in self.data["hessians"].items()
         }
 
     @property
     def without_input(self) -> frozenset[str]:
         """Layers the calibration found no Linear input for (weight metric)."""
-        return frozenset(self._data["without_input"])
+        return frozenset(self.data["without_input"])
 
     def read(self, name: str, block_size: int | None = None) -> torch.Tensor:
         """One finished layer's ``H``, checked against its sha256 (see :func:`read_hessian`)."""
@@ -307,7 +304,7 @@ class CalibStore:
 
     def hidden(self) -> tuple[int, torch.Tensor] | None:
         """The saved hidden states and the block they enter, or None."""
-        record = self._data.get("hidden")
+        record = self.data.get("hidden")
         if record is None:
             return None
         path = self.dir / record["file"]
@@ -344,7 +341,7 @@ class CalibStore:
             rel = f"{name}.safetensors"
             digest = write_hessian(self.dir / rel, name, hessian, inputs_of.get(name, name))
             g = int(hessian.shape[-1])
-            self._data["hessians"][name] = {"file": rel, "sha256": digest, "block_size": g}
+            self.data["hessians"][name] = {"file": rel, "sha256": digest, "block_size": g}
         saved = False
         due = self._clock() - self._last_hidden >= self._every
         if hidden is not None and next_block is not None and next_block > 0 and due:
@@ -352,23 +349,20 @@ class CalibStore:
             entry = Entry(_HIDDEN_KEY, tensor.dtype, tuple(tensor.shape), lambda: tensor)
             meta = {"format": _FORMAT, "next_block": str(next_block)}
             digest = write_safetensors(self.dir / _HIDDEN, [entry], meta)
-            self._data["hidden"] = {"file": _HIDDEN, "sha256": digest, "next_block": next_block}
+            self.data["hidden"] = {"file": _HIDDEN, "sha256": digest, "next_block": next_block}
             self._last_hidden = self._clock()
             saved = True
         if hessians or saved:
-            self._save()
+            self.save()
         return saved
 
     def complete(self, without_input: Any = ()) -> None:
         """The calibration is over: note the layers without input, drop the hidden states."""
-        self._data["without_input"] = sorted(set(self._data["without_input"]) | set(without_input))
-        self._data["hidden"] = None
-        self._data["complete"] = True
-        self._save()
+        self.data["without_input"] = sorted(set(self.data["without_input"]) | set(without_input))
+        self.data["hidden"] = None
+        self.data["complete"] = True
+        self.save()
         (self.dir / _HIDDEN).unlink(missing_ok=True)
-
-    def _save(self) -> None:
-        atomic_write_json(self.dir / _INDEX, self._data)
 
 
 def _clear(directory: Path) -> None:

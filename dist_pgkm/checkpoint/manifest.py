@@ -13,8 +13,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from dist_pgkm.checkpoint.atomic import LOCK_NAME, atomic_write_json
-from dist_pgkm.checkpoint.shard import file_sha256
+from dist_pgkm.checkpoint.atomic import LOCK_NAME
+from dist_pgkm.checkpoint.store import RunStore
 from dist_pgkm.errors import CheckpointError
 
 __all__ = ["MANIFEST_NAME", "MANIFEST_VERSION", "LayerRecord", "Manifest", "fingerprint_diff"]
@@ -86,19 +86,18 @@ def _is_temp(name: str) -> bool:
     return name.startswith(".") and name.endswith(".tmp")
 
 
-class Manifest:
+class Manifest(RunStore):
     """The run state of one output directory.
 
     Use :meth:`open` to start or resume a run; :meth:`record` after each finished layer.
     """
 
-    def __init__(self, out_dir: Path, data: dict[str, Any]) -> None:
-        self.out_dir = Path(out_dir)
-        self.data = data
+    STATE_NAME = MANIFEST_NAME
 
     @property
-    def path(self) -> Path:
-        return self.out_dir / MANIFEST_NAME
+    def out_dir(self) -> Path:
+        """The run's output directory (the store's directory)."""
+        return self.dir
 
     @classmethod
     def open(cls, out_dir: Path, fingerprint: dict[str, Any], *, resume: bool) -> Manifest:
@@ -116,46 +115,12 @@ class Manifest:
                 to resume.
         """
         out_dir = Path(out_dir)
-        path = out_dir / MANIFEST_NAME
         if out_dir.exists() and not out_dir.is_dir():
             raise CheckpointError(f"{out_dir} is a file; --out must be a directory.")
-        if path.is_file():
-            try:
-                data = json.loads(path.read_text(encoding="utf-8"))
-                old = data["fingerprint"]
-                version = data["format_version"]
-            except (OSError, ValueError, KeyError, TypeError) as exc:
-                raise CheckpointError(
-                    f"{path} is unreadable ({exc}). It was not written by this tool, or was "
-                    "edited. Use a new --out directory, or delete this one to start over."
-                ) from exc
-            if version != MANIFEST_VERSION:
-                raise CheckpointError(
-                    f"{path}: manifest version {version!r}, this dist-pgkm writes "
-                    f"{MANIFEST_VERSION}. Use a new --out directory or the version that wrote it."
-                )
-            problems = fingerprint_diff(old, fingerprint)
-            if problems:
-                raise CheckpointError(
-                    f"{out_dir} holds another run, so it cannot be resumed: "
-                    f"{'; '.join(problems[:6])}. Run with the same model and config to resume, "
-                    "or choose a new --out directory (or delete this one) to start over."
-                )
+        data = cls.resumable(out_dir, fingerprint, resume=resume)
+        if data is not None:
             logger.info("Resuming the run in %s", out_dir)
             return cls(out_dir, data)
-        ours = [p for p in out_dir.iterdir()] if out_dir.is_dir() else []
-        foreign = [p.name for p in ours if p.name != LOCK_NAME and not _is_temp(p.name)]
-        if foreign:
-            found = ", ".join(sorted(foreign)[:5])
-            raise CheckpointError(
-                f"{out_dir} is not empty ({found}) and holds no {MANIFEST_NAME}, so it is not a "
-                "dist-pgkm run. Choose a new or empty --out directory."
-            )
-        if resume:
-            raise CheckpointError(
-                f"--resume: {out_dir} holds no run to resume ({MANIFEST_NAME} is missing). "
-                "Drop --resume to start a new run there."
-            )
         manifest = cls(
             out_dir,
             {
@@ -167,6 +132,48 @@ class Manifest:
         )
         manifest.save()
         return manifest
+
+    @classmethod
+    def read_state(cls, path: Path) -> Any:
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            data["fingerprint"]
+            version = data["format_version"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise CheckpointError(
+                f"{path} is unreadable ({exc}). It was not written by this tool, or was "
+                "edited. Use a new --out directory, or delete this one to start over."
+            ) from exc
+        if version != MANIFEST_VERSION:
+            raise CheckpointError(
+                f"{path}: manifest version {version!r}, this dist-pgkm writes "
+                f"{MANIFEST_VERSION}. Use a new --out directory or the version that wrote it."
+            )
+        return data
+
+    @classmethod
+    def refuse(cls, directory: Path, data: Any, identity: Any) -> None:
+        problems = fingerprint_diff(data["fingerprint"], identity)
+        raise CheckpointError(
+            f"{directory} holds another run, so it cannot be resumed: "
+            f"{'; '.join(problems[:6])}. Run with the same model and config to resume, "
+            "or choose a new --out directory (or delete this one) to start over."
+        )
+
+    @classmethod
+    def check_new(cls, directory: Path, resume: bool) -> None:
+        foreign = cls.strangers(directory, lambda name: name == LOCK_NAME or _is_temp(name))
+        if foreign:
+            found = ", ".join(sorted(foreign)[:5])
+            raise CheckpointError(
+                f"{directory} is not empty ({found}) and holds no {MANIFEST_NAME}, so it is not "
+                "a dist-pgkm run. Choose a new or empty --out directory."
+            )
+        if resume:
+            raise CheckpointError(
+                f"--resume: {directory} holds no run to resume ({MANIFEST_NAME} is missing). "
+                "Drop --resume to start a new run there."
+            )
 
     @classmethod
     def read(cls, out_dir: Path) -> Manifest | None:
@@ -210,9 +217,6 @@ class Manifest:
         config = self.data["fingerprint"].get("config")
         return config.get(key) if isinstance(config, dict) else None
 
-    def save(self) -> None:
-        atomic_write_json(self.path, self.data)
-
     @property
     def layers(self) -> dict[str, LayerRecord]:
         """Finished layers by module name."""
@@ -225,14 +229,9 @@ class Manifest:
             Names of the layers whose shard was missing, truncated or modified; they will be
             redone.
         """
-        bad = []
-        for name, record in self.layers.items():
-            path = self.out_dir / record.shard
-            if not path.is_file() or file_sha256(path) != record.sha256:
-                bad.append(name)
+        bad = self.drop_changed(self.data["layers"], "shard")
         for name in bad:
             logger.warning("Shard of %s is missing or corrupt; the layer will be redone", name)
-            del self.data["layers"][name]
         if bad:
             self.data["merged"] = None
             self.save()

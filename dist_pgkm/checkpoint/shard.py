@@ -90,6 +90,7 @@ def encode_layer(
     centroid_dtype: str = "float16",
     kind: str = "linear",
     k: int | None = None,
+    stats: KMeansStats | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and header metadata of one quantized layer (docs/format.md, format 2).
 
@@ -100,6 +101,8 @@ def encode_layer(
         centroid_dtype: Storage dtype of the codebook(s).
         kind: ``linear``, ``embedding`` or ``conv2d``.
         k: Requested codebook size (default: the stored one).
+        stats: The header's ``stats`` record: how the codebook was made (default:
+            ``q.stats``, the clustering run's; empty when neither is given).
 
     Raises:
         InvalidInputError: Unknown ``centroid_dtype``, or parts of ``q`` that do not fit
@@ -111,7 +114,8 @@ def encode_layer(
             f"{sorted(CENTROID_DTYPES)}."
         )
     spec = _spec_of(q, kind, k, name)
-    stats = q.stats.as_dict() if q.stats is not None else {}
+    stats = stats if stats is not None else q.stats
+    record = stats.as_dict() if stats is not None else {}
     tensors = {
         f"{name}.centroids": q.centroids.to(_TORCH_DTYPES[centroid_dtype]).contiguous(),
         f"{name}.codes": pack_codes(q.codes, spec.bits),
@@ -126,7 +130,7 @@ def encode_layer(
         "layer": name,
         **spec.to_header(),
         "centroid_dtype": centroid_dtype,
-        "stats": json.dumps({**stats, "weight_sq": q.weight_sq}, sort_keys=True),
+        "stats": json.dumps({**record, "weight_sq": q.weight_sq}, sort_keys=True),
     }
     return tensors, meta
 

@@ -393,11 +393,13 @@ class PQModule(nn.Module):
             codes = torch.empty(0, dtype=torch.int64)
             return cls.from_float(module.to("meta"), centroids, codes, side)
 
-    def quantized(self, stats: KMeansStats, metric: str = "weight") -> QuantizedWeight:
+    def quantized(
+        self, stats: KMeansStats | None = None, metric: str = "weight"
+    ) -> QuantizedWeight:
         """This module's weight as a :class:`QuantizedWeight` (float32 copies, on the CPU).
 
         Args:
-            stats: Statistics to attach (e.g. of the clustering run, or a fine-tuning marker).
+            stats: Statistics of the clustering run to attach (None: a trained codebook).
             metric: The metric the codebook was fitted with, recorded in the checkpoint.
         """
         codes = unpack_codes(self.codes.detach().to("cpu"), self.n_blocks, bits_for(self.k))

@@ -41,7 +41,8 @@ class QuantizedWeight:
         codes: ``(n_blocks,)`` int64 codeword of every block (in its own book).
         shape: Shape of the dense weight.
         stats: The clustering run's statistics (of the first book with ``codebook_rows``; the
-            SSE and empty-cluster counts are summed over all books).
+            SSE and empty-cluster counts are summed over all books); None for a codebook no
+            clustering run produced as such (trained by fine-tuning, exported by DKM).
         weight_sq: ``||W||²`` of the original weight (float64), so that ``stats.sse /
             weight_sq`` is the relative error.
         scales: ``(out, width / scale_group)`` float32 holding fp16-exact values, or None.
@@ -57,7 +58,7 @@ class QuantizedWeight:
     centroids: torch.Tensor
     codes: torch.Tensor
     shape: tuple[int, ...]
-    stats: KMeansStats
+    stats: KMeansStats | None = None
     weight_sq: float = 0.0
     scales: torch.Tensor | None = None
     scale_group: int = 0

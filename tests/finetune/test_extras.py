@@ -20,12 +20,8 @@ from dist_pgkm.config.finetune import load_finetune_config
 from dist_pgkm.config.quantize import LayerQuantOptions
 from dist_pgkm.distributed.plan import LayerJob
 from dist_pgkm.errors import ConfigError
-from dist_pgkm.finetune.pipeline import (
-    _codebook_parameters,
-    _dense_state_dict,
-    _swap_in,
-    stage_layers,
-)
+from dist_pgkm.finetune.stages import stage_layers
+from dist_pgkm.finetune.surgery import codebook_parameters, dense_state_dict, swap_in
 from dist_pgkm.kmeans.types import KMeansStats
 from dist_pgkm.pq import PQLinear, quantize_weight
 from tests.conftest import smollm2_weight
@@ -45,11 +41,11 @@ def test_swapped_layer_trains_codebooks_and_scales_and_re_encodes_exactly() -> N
     with torch.no_grad():
         model.proj.weight.copy_(weight)
     q = quantize_weight(weight, 8, 32, options=OPTIONS, backend="torch", n_iter=4)
-    _swap_in(model, _job("proj", OPTIONS), q)
+    swap_in(model, _job("proj", OPTIONS), q)
     pq = model.proj
     assert isinstance(pq, PQLinear)
     assert torch.equal(pq.weight, q.dense())
-    trained = _codebook_parameters(pq)
+    trained = codebook_parameters(pq)
     assert trained == [pq.centroids, pq.scales]
     assert all(p.requires_grad for p in trained)
     before = {n: t.detach().clone() for n, t in pq.state_dict().items()}
@@ -75,7 +71,7 @@ def test_swapped_layer_trains_codebooks_and_scales_and_re_encodes_exactly() -> N
     assert torch.equal(back.dense(), rounded.dense())
     assert torch.equal(trained_q.dense(), pq.weight.detach())
     # The dense state dict (the next stage's source) holds the decoded weight, no PQ tensor.
-    assert set(_dense_state_dict(model)) == {"proj.weight"}
+    assert set(dense_state_dict(model)) == {"proj.weight"}
 
 
 CONFIG: dict[str, Any] = {
