@@ -18,7 +18,7 @@ passive_wait()
 
 from dist_pgkm.checkpoint.hf_hook import install as _install_transformers_hook  # noqa: E402
 from dist_pgkm.errors import DistPGKMError  # noqa: E402
-from dist_pgkm.kmeans.types import KMeansResult, KMeansStats  # noqa: E402
+from dist_pgkm.kmeans.result import KMeansResult, KMeansStats  # noqa: E402
 from dist_pgkm.pgkm.api import cluster  # noqa: E402
 
 if TYPE_CHECKING:

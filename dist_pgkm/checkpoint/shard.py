@@ -24,7 +24,7 @@ import torch
 
 from dist_pgkm.checkpoint.spec import CENTROID_DTYPES, FORMAT_VERSION, LayerSpec
 from dist_pgkm.errors import CheckpointError, InvalidInputError
-from dist_pgkm.kmeans.types import KMeansStats
+from dist_pgkm.kmeans.result import KMeansStats
 from dist_pgkm.pq.layout import side_problems
 from dist_pgkm.pq.pack import bits_for, pack_codes, unpack_codes
 from dist_pgkm.pq.quantize import QuantizedWeight

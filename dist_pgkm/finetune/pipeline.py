@@ -67,7 +67,7 @@ from dist_pgkm.finetune.objectives import objective, pad_token_id
 from dist_pgkm.finetune.ranks import Ranks
 from dist_pgkm.finetune.stages import stage_layers
 from dist_pgkm.finetune.state import RAY_TRAIN_DIR, STATE_NAME, RunState, nothing_to_resume
-from dist_pgkm.kmeans.types import KMeansStats
+from dist_pgkm.kmeans.result import KMeansStats
 from dist_pgkm.models.layers import find_layers
 from dist_pgkm.models.source import open_source
 from dist_pgkm.pq.modules import PQModule

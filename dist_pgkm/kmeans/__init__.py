@@ -2,6 +2,6 @@
 
 from dist_pgkm.kmeans.assign import Assigner, make_assigner
 from dist_pgkm.kmeans.compact import compact
-from dist_pgkm.kmeans.types import KMeansResult, KMeansStats
+from dist_pgkm.kmeans.result import KMeansResult, KMeansStats
 
 __all__ = ["Assigner", "KMeansResult", "KMeansStats", "compact", "make_assigner"]

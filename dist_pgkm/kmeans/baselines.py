@@ -19,7 +19,7 @@ from dist_pgkm.kmeans.assign import FaissAssigner, make_assigner, resolve_backen
 from dist_pgkm.kmeans.init import kmeanspp_init, random_init_with_replacement
 from dist_pgkm.kmeans.lloyd import RepairInput, finish, lloyd, update_centroids
 from dist_pgkm.kmeans.metrics import cluster_weights, columns
-from dist_pgkm.kmeans.types import ClusterInput, KMeansResult
+from dist_pgkm.kmeans.result import ClusterInput, KMeansResult
 from dist_pgkm.utils.optional import import_faiss
 
 __all__ = ["fairseq_em", "faiss_kmeans", "kmeanspp_kmeans", "relocate_to_farthest"]

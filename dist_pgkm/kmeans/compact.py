@@ -7,7 +7,7 @@ import dataclasses
 import torch
 
 from dist_pgkm.kmeans.metrics import codeword_groups, sse_of
-from dist_pgkm.kmeans.types import KMeansResult
+from dist_pgkm.kmeans.result import KMeansResult
 
 __all__ = ["compact"]
 

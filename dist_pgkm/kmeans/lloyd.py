@@ -22,7 +22,7 @@ from dist_pgkm.kmeans.metrics import (
     segment_sum,
     sse_of,
 )
-from dist_pgkm.kmeans.types import KMeansResult, KMeansStats
+from dist_pgkm.kmeans.result import KMeansResult, KMeansStats
 
 __all__ = [
     "MoveFn",

@@ -17,7 +17,7 @@ from dist_pgkm.kmeans.baselines import fairseq_em, faiss_kmeans, kmeanspp_kmeans
 from dist_pgkm.kmeans.block_metric import BlockMetric, check_metric
 from dist_pgkm.kmeans.compact import compact as compact_result
 from dist_pgkm.kmeans.metrics import sse_of
-from dist_pgkm.kmeans.types import ClusterInput, KMeansResult
+from dist_pgkm.kmeans.result import ClusterInput, KMeansResult
 from dist_pgkm.kmeans.validate import check_k, check_points, check_weights
 from dist_pgkm.pgkm.pgkm import pg_kmeans
 

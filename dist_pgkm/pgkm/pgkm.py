@@ -17,7 +17,7 @@ from dist_pgkm.kmeans.block_metric import (
 )
 from dist_pgkm.kmeans.lloyd import UpdateFn, finish, lloyd, update_centroids
 from dist_pgkm.kmeans.metrics import columns
-from dist_pgkm.kmeans.types import ClusterInput, KMeansResult
+from dist_pgkm.kmeans.result import ClusterInput, KMeansResult
 from dist_pgkm.pgkm.consolidate import consolidate as consolidate_points
 from dist_pgkm.pgkm.moves import merge_cheapest_pairs
 from dist_pgkm.pgkm.partition import Cut, SplitBy, partition

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dist_pgkm.errors import InvalidInputError
-from dist_pgkm.kmeans.types import KMeansStats
+from dist_pgkm.kmeans.result import KMeansStats
 from dist_pgkm.pq import infer
 from dist_pgkm.pq.codec import from_subvectors
 from dist_pgkm.pq.layout import SideTensors, apply_outliers, apply_scales, book_index, side_problems

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from dist_pgkm.config.quantize import LayerQuantOptions
 from dist_pgkm.kmeans.block_metric import BlockMetric
-from dist_pgkm.kmeans.types import KMeansResult, KMeansStats
+from dist_pgkm.kmeans.result import KMeansResult, KMeansStats
 from dist_pgkm.pgkm.api import cluster
 from dist_pgkm.pq.aware import fit_scales, hessian_metric, refit_scales, select_outliers
 from dist_pgkm.pq.codec import from_subvectors, to_subvectors

@@ -22,7 +22,7 @@ from dist_pgkm.distributed.plan import LayerJob
 from dist_pgkm.errors import ConfigError
 from dist_pgkm.finetune.stages import stage_layers
 from dist_pgkm.finetune.surgery import codebook_parameters, dense_state_dict, swap_in
-from dist_pgkm.kmeans.types import KMeansStats
+from dist_pgkm.kmeans.result import KMeansStats
 from dist_pgkm.pq import PQLinear, quantize_weight
 from tests.conftest import smollm2_weight
 
