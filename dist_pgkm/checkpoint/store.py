@@ -24,6 +24,7 @@ from typing import Any, ClassVar
 
 from dist_pgkm.checkpoint.atomic import atomic_write_json
 from dist_pgkm.checkpoint.shard import file_sha256
+from dist_pgkm.errors import CheckpointError
 
 __all__ = ["RunStore"]
 
@@ -87,8 +88,18 @@ class RunStore:
 
     @classmethod
     def read_state(cls, path: Path) -> Any:
-        """The parsed state file (subclasses check its form and version here)."""
-        return json.loads(path.read_text(encoding="utf-8"))
+        """The parsed state file (subclasses check its form and version here).
+
+        Raises:
+            CheckpointError: The file cannot be read or is not JSON (truncated, edited).
+        """
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(
+                f"{path} is unreadable ({exc}). It was not written by this tool, or was "
+                "edited. Use a new --out directory, or delete this one to start over."
+            ) from exc
 
     @classmethod
     def refuse(cls, directory: Path, data: Any, identity: Any) -> None:

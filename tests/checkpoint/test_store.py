@@ -48,3 +48,14 @@ def test_records_whose_file_changed_are_dropped(tmp_path: Path) -> None:
     assert list(records) == ["a"]
     store.save()  # not the writer: nothing written
     assert not (tmp_path / "finetune.json").exists()
+
+
+@pytest.mark.parametrize("content", [b'{"identity": {"config"', b"\xff\xfe", b""])
+def test_a_damaged_state_file_is_a_checkpoint_error_naming_it(
+    tmp_path: Path, content: bytes
+) -> None:
+    out = tmp_path / "out"
+    RunState.open(out, {"config": "a"}, resume=False).save()
+    (out / "finetune.json").write_bytes(content)  # truncated, not UTF-8, empty
+    with pytest.raises(CheckpointError, match=r"finetune\.json is unreadable .* delete this one"):
+        RunState.open(out, {"config": "a"}, resume=True)
