@@ -29,6 +29,7 @@ from dist_pgkm.checkpoint.manifest import LayerRecord, Manifest
 from dist_pgkm.checkpoint.merge import QuantizedLayer, merge_checkpoint
 from dist_pgkm.checkpoint.shard import file_sha256, write_shard
 from dist_pgkm.config.quantize import QuantizeConfig
+from dist_pgkm.distributed.eta import PLAIN_FIT
 from dist_pgkm.distributed.executor import Executor, open_executor, preflight
 from dist_pgkm.distributed.options import RayOptions
 from dist_pgkm.distributed.plan import LayerJob, Plan, plan_run
@@ -361,7 +362,7 @@ def _run(
         len(plan.skipped),
         plan.n_float,
     )
-    tracker = RunTracker(plan.jobs, done=set(done), listener=progress)
+    tracker = RunTracker(plan.jobs, done=set(done), listener=progress, cost_model=PLAIN_FIT)
 
     def record(job: LayerJob, result: JobResult) -> None:
         _record(job, result, manifest)
