@@ -152,6 +152,12 @@ def worker_summary_lines(timing: dict[str, Any], slowest: int = 3) -> list[str]:
     if layers := timing.get("slowest_layers", [])[:slowest]:
         listed = ", ".join(f"{t['name']} {t['seconds']:.1f} s" for t in layers)
         lines.append(f"  slowest layers: {listed}")
+    check = timing.get("eta_check")
+    if check and check["estimate_seconds"] is not None:
+        lines.append(
+            f"  eta at mid-run: {format_duration(check['estimate_seconds'])}, the rest took "
+            f"{format_duration(check['actual_seconds'])}"
+        )
     return lines
 
 

@@ -1,13 +1,18 @@
 """One boundary per outside library: which module of the package may import what.
 
 safetensors is read through ``utils/safetensors_io.py`` only (the checkpoint writer writes the
-format itself and imports nothing), and transformers' internal key renaming is used from
-``models/hf_keys.py`` only (docs/architecture.md, "One boundary per outside library").
+format itself and imports nothing), transformers' internal key renaming is used from
+``models/hf_keys.py`` only (docs/architecture.md, "One boundary per outside library"), and ray
+is imported by the Ray executor and Ray Train's runner only: the coordinator, the command line
+and fine-tuning reach Ray through ``distributed/executor.py`` and ``distributed/options.py``.
 """
 
 from __future__ import annotations
 
 import ast
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import dist_pgkm
@@ -19,6 +24,7 @@ BOUNDARIES = {
     "safetensors": {"utils/safetensors_io.py"},
     "transformers.core_model_loading": {"models/hf_keys.py"},
     "transformers.conversion_mapping": {"models/hf_keys.py"},
+    "ray": {"distributed/ray_executor.py", "distributed/ray_train.py"},
 }
 
 
@@ -41,3 +47,18 @@ def test_outside_libraries_are_reached_through_one_module() -> None:
                 if name == module or name.startswith(module + "."):
                     found[module].add(relative)
     assert found == BOUNDARIES
+
+
+RAY_FREE = """
+import json, sys
+import dist_pgkm.distributed.coordinator, dist_pgkm.distributed.executor
+import dist_pgkm.distributed.options, dist_pgkm.finetune.pipeline, dist_pgkm.cli
+print(json.dumps("ray" in sys.modules))
+"""
+
+
+def test_the_in_process_path_does_not_import_ray() -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", RAY_FREE], check=True, capture_output=True, text=True, timeout=120
+    )
+    assert json.loads(out.stdout.strip().splitlines()[-1]) is False

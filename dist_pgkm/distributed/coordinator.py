@@ -19,38 +19,32 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from dist_pgkm.checkpoint.atomic import exclusive_run, remove_stale_temp_files
-from dist_pgkm.checkpoint.calib import CalibStore, HessianFile, cache_key, read_hessian
+from dist_pgkm.checkpoint.calib import CalibStore, HessianFile, cache_key
 from dist_pgkm.checkpoint.manifest import LayerRecord, Manifest
 from dist_pgkm.checkpoint.merge import QuantizedLayer, merge_checkpoint
 from dist_pgkm.checkpoint.shard import file_sha256, write_shard
 from dist_pgkm.config.quantize import QuantizeConfig
+from dist_pgkm.distributed.eta import PLAIN_FIT
+from dist_pgkm.distributed.executor import Executor, open_executor, preflight
+from dist_pgkm.distributed.options import RayOptions
 from dist_pgkm.distributed.plan import LayerJob, Plan, plan_run
 from dist_pgkm.distributed.progress import CalibrationStatus, ProgressSnapshot, RunTracker
-from dist_pgkm.distributed.worker import JobResult, run_job, weight_sha256
-from dist_pgkm.errors import CheckpointError, ConfigError, DistributedError, InvalidInputError
+from dist_pgkm.distributed.worker import JobResult, weight_sha256
+from dist_pgkm.errors import CheckpointError, ConfigError, InvalidInputError
 from dist_pgkm.models.calibrate import (
     HEAD,
     BlockResult,
-    CalibrationPass,
-    CalibrationSummary,
     HessianRequest,
-    StagePartials,
-    block_result,
-    collect_hessians,
     windows_digest,
 )
 from dist_pgkm.models.layers import find_layers
 from dist_pgkm.models.source import ModelSource, open_source
 from dist_pgkm.utils.memory import peak_rss_bytes
-
-if TYPE_CHECKING:
-    from dist_pgkm.distributed.ray_executor import RayOptions, RaySession
 
 __all__ = [
     "Progress",
@@ -294,16 +288,20 @@ def quantize_model(
             f"workers={workers}, gpus_per_worker={gpus_per_worker}, cpus_per_worker="
             f"{cpus_per_worker}: workers and GPUs must be >= 0, CPUs per worker >= 1."
         )
-    executor = _Executor(
-        workers, address, gpus_per_worker, cpus_per_worker, min_workers, min_workers_timeout
+    options = RayOptions(
+        workers=workers,
+        address=address,
+        gpus_per_worker=gpus_per_worker,
+        cpus_per_worker=cpus_per_worker,
+        min_workers=min_workers,
+        min_workers_timeout=min_workers_timeout,
     )
-    if executor.in_process and gpus_per_worker > 0:
+    if options.in_process and gpus_per_worker > 0:
         raise InvalidInputError(
             f"gpus_per_worker={gpus_per_worker} without Ray workers: GPUs are given to Ray "
             "workers only. Add --workers N (or --address HOST:PORT)."
         )
-    if not executor.in_process:
-        _ray_executor().preflight(executor.options())
+    preflight(options)
     out = Path(out_dir)
     source = open_source(model)
     plan = plan_run(find_layers(source), config)
@@ -315,12 +313,12 @@ def quantize_model(
         raise CheckpointError(f"{out} is a file; --out must be a directory.")
     with contextlib.ExitStack() as stack:
         # Connect first, then create the run: a join that fails leaves --out untouched.
-        session = None
-        if not executor.in_process:
-            session = stack.enter_context(_ray_executor().connect(executor.options()))
+        # The model's path is absolute: workers may run in another directory or node.
+        executor = stack.enter_context(
+            open_executor(options, Path(model).absolute(), source, config)
+        )
         stack.enter_context(exclusive_run(out))
         return _run(
-            Path(model).absolute(),  # workers may run in another directory or node
             source,
             plan,
             config,
@@ -329,53 +327,13 @@ def quantize_model(
             max_shard_bytes,
             progress,
             start,
-            session,
+            executor,
             calibration,
             calib_checkpoint_every,
         )
 
 
-@dataclass(frozen=True)
-class _Executor:
-    """Where the jobs run: in this process (``workers == 0`` and no address) or on Ray."""
-
-    workers: int
-    address: str | None
-    gpus_per_worker: float
-    cpus_per_worker: int
-    min_workers: int = 0
-    min_workers_timeout: float = 600.0
-
-    @property
-    def in_process(self) -> bool:
-        return self.workers == 0 and self.address is None
-
-    def options(self) -> RayOptions:
-        options: RayOptions = _ray_executor().RayOptions(
-            workers=self.workers,
-            address=self.address,
-            gpus_per_worker=self.gpus_per_worker,
-            cpus_per_worker=self.cpus_per_worker,
-            min_workers=self.min_workers,
-            min_workers_timeout=self.min_workers_timeout,
-        )
-        return options
-
-
-def _ray_executor() -> ModuleType:
-    """The Ray executor module, imported on first use (it imports ray)."""
-    try:
-        from dist_pgkm.distributed import ray_executor
-    except ImportError as err:
-        raise DistributedError(
-            f"Running on Ray needs the ray package ({err}). Install it with "
-            "`pip install 'dist-pgkm[ray]'`, or pass --workers 0 to run in this process."
-        ) from err
-    return ray_executor
-
-
 def _run(
-    model: Path,
     source: ModelSource,
     plan: Plan,
     config: QuantizeConfig,
@@ -384,7 +342,7 @@ def _run(
     max_shard_bytes: int,
     progress: Progress | None,
     start: float,
-    session: RaySession | None,
+    executor: Executor,
     calibration: _Calibration | None,
     calib_checkpoint_every: float,
 ) -> RunSummary:
@@ -404,7 +362,7 @@ def _run(
         len(plan.skipped),
         plan.n_float,
     )
-    tracker = RunTracker(plan.jobs, done=set(done), listener=progress)
+    tracker = RunTracker(plan.jobs, done=set(done), listener=progress, cost_model=PLAIN_FIT)
 
     def record(job: LayerJob, result: JobResult) -> None:
         _record(job, result, manifest)
@@ -415,35 +373,16 @@ def _run(
         store_identity = calibration.store_identity(source)
         if calibration.cache is None:
             store = CalibStore.open(out, store_identity, calib_checkpoint_every)
-            hessians, calib_info = _calibrate(
-                model, source, calibration, todo, store, tracker, session
-            )
+            hessians, calib_info = _calibrate(calibration, todo, store, tracker, executor)
         else:
             folder = calibration.cache / cache_key(store_identity)
             with exclusive_run(folder):  # one writer per cache entry
                 store = CalibStore.at(folder, store_identity, calib_checkpoint_every)
-                hessians, calib_info = _calibrate(
-                    model, source, calibration, todo, store, tracker, session
-                )
+                hessians, calib_info = _calibrate(calibration, todo, store, tracker, executor)
         calib_info["store"] = str(store.dir)
         tracker.stage("quantizing")
 
-    if session is None:
-        tracker.worker_ready("local", "this process")
-        for job in todo:
-            tracker.dispatched(job, "local")
-            weight = source.read(job.tensor)
-            hessian = None
-            if (file := hessians.get(job.name)) is not None:
-                hessian = read_hessian(file.path, file.sha256, job.name, job.block_size)
-            result = run_job(job, weight, config, hessian)
-            del weight, hessian
-            record(job, result)
-            tracker.finished(job, "local", result.seconds, result.peak_rss_bytes)
-    elif todo:
-        # Absolute, not resolved (see open_source): workers may run in another directory.
-        path = str(model.expanduser().absolute())
-        session.run(todo, path, config, record, tracker, hessians)
+    executor.run(todo, record, tracker, hessians)
     tracker.close()
     quantize_end = time.perf_counter()
 
@@ -506,13 +445,11 @@ def _changed_sources(manifest: Manifest, source: ModelSource, plan: Plan) -> lis
 
 
 def _calibrate(
-    model: Path,
-    source: ModelSource,
     calibration: _Calibration,
     todo: list[LayerJob],
     store: CalibStore,
     tracker: RunTracker,
-    session: RaySession | None,
+    executor: Executor,
 ) -> tuple[dict[str, HessianFile], dict[str, Any]]:
     """Collect ``H`` for the unfinished layers that need it (resuming), file by file.
 
@@ -570,14 +507,7 @@ def _calibrate(
                 )
 
         batch = calibration_batch(int(calibration.windows.shape[1]))
-        if session is None:
-            summary = collect_hessians(
-                source, requests, calibration.windows, on_block, resume=resume, batch_size=batch
-            )
-        else:
-            summary = _collect_on_ray(
-                model, source, requests, calibration.windows, batch, session, on_block
-            )
+        summary = executor.calibrate(requests, calibration.windows, batch, on_block, resume)
         info["workers"] = summary.workers
         info["worker_peak_rss_bytes"] = list(summary.worker_peak_rss_bytes)
         del resume
@@ -605,34 +535,6 @@ def _calibrate(
     info["without_input"] = without
     have = store.hessians
     return {job.name: have[job.name] for job in wanted if job.name in have}, info
-
-
-def _collect_on_ray(
-    model: Path,
-    source: ModelSource,
-    requests: list[HessianRequest],
-    windows: torch.Tensor,
-    batch: int,
-    session: RaySession,
-    on_block: Callable[[BlockResult], None],
-) -> CalibrationSummary:
-    """:func:`collect_hessians` with the windows spread over Ray workers (same ``H`` bytes)."""
-    start = time.perf_counter()
-    summary = CalibrationPass(source, requests, windows, batch_size=batch).summary  # meta only
-    if not summary.inputs_of:
-        return summary
-
-    def on_stage(stage: StagePartials) -> None:
-        if 0 <= stage.block < stage.n_blocks:
-            summary.blocks_run += 1
-        on_block(block_result(stage))
-
-    path = str(model.expanduser().absolute())
-    rss = session.calibrate(path, requests, windows, batch, on_stage)
-    summary.workers = len(rss)
-    summary.worker_peak_rss_bytes = tuple(rss)
-    summary.seconds = time.perf_counter() - start
-    return summary
 
 
 def _merged_intact(out: Path, files: dict[str, str]) -> bool:

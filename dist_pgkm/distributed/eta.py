@@ -7,6 +7,7 @@ actual speed is the *median* over finished layers of measured / predicted time, 
 layer (the first one, which also pays warm-up; a layer run beside a busy neighbour) moves the
 estimate little, where extrapolating the first layer's time to the rest of the run said
 "10 h" for a run of ~1 h (issue 17). Pure: no Ray, no clock.
+:class:`~dist_pgkm.distributed.progress.RunTracker` shows it while a run quantizes.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["CostModel", "remaining_seconds"]
+__all__ = ["PLAIN_FIT", "CostModel", "remaining_seconds"]
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,15 @@ class CostModel:
     def predict(self, macs: float) -> float:
         """Predicted seconds of a layer of ``macs`` multiply-adds."""
         return self.seconds_per_mac * macs + self.seconds_per_job
+
+
+PLAIN_FIT = CostModel(seconds_per_mac=1.59e-10, seconds_per_job=0.407)
+"""``bench scaling``'s fit (docs/scaling.md: SmolLM2-135M, ptq-4bit, one thread, R^2 0.967).
+
+A run's ETA uses its shape only (how much a small layer costs beside a large one: the fixed
+``seconds_per_job`` weighs on small layers); the scale comes from the run's own finished
+layers, so another machine, preset or load changes the figures, not the estimate's honesty.
+"""
 
 
 def remaining_seconds(

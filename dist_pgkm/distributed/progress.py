@@ -7,8 +7,11 @@ how fast, how long still" at any moment (:meth:`RunTracker.snapshot`) and, at th
 the time went (:meth:`RunTracker.summary`): time per layer, per worker, and the share of each
 worker's life it spent waiting.
 
-The ETA weighs layers by the plan's estimated cost, not by count: one embedding can cost as
-much as fifty attention projections.
+The ETA comes from the remaining work (:func:`~dist_pgkm.distributed.eta.remaining_seconds`):
+every layer left is predicted by a cost model from the plan's multiply-adds, scaled by the
+median measured / predicted time of the layers finished so far and shared by the live workers.
+It is never extrapolated from the first layers (the largest, run first, which also pay the
+warm-up). The summary records how far the estimate made at mid-run was from the real rest.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from dist_pgkm.distributed.eta import CostModel, remaining_seconds
 from dist_pgkm.distributed.plan import LayerJob
 
 __all__ = [
@@ -138,12 +142,15 @@ class RunTracker:
         done: Names of the jobs already finished before this call (a resumed run).
         listener: Called with a fresh snapshot after every event.
         clock: Seconds, monotonic (tests pass their own).
+        cost_model: A layer's predicted time from its ``est_cost`` (None: proportional to
+            it); its scale does not matter, only how it weighs small layers beside large ones.
     """
 
     jobs: Sequence[LayerJob]
     done: set[str] = field(default_factory=set)
     listener: Listener | None = None
     clock: Callable[[], float] = time.monotonic
+    cost_model: CostModel | None = None
     started: float = field(init=False)
     workers: dict[str, WorkerStats] = field(init=False, default_factory=dict)
     layers: list[LayerTime] = field(init=False, default_factory=list)
@@ -154,12 +161,16 @@ class RunTracker:
     _cost_done: float = field(init=False, default=0.0)
     _weights_done: int = field(init=False, default=0)
     _first_ready: float | None = field(init=False, default=None)
+    _cost_todo: float = field(init=False)
+    _mid_run: tuple[float, float | None] | None = field(init=False, default=None)
+    _closed_at: float | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         self.started = self.clock()
         self.done = set(self.done)
         self._cost = {job.name: job.est_cost for job in self.jobs}
         self._cost_left = sum(c for name, c in self._cost.items() if name not in self.done)
+        self._cost_todo = self._cost_left
 
     # --- events -------------------------------------------------------------------------------
 
@@ -187,6 +198,8 @@ class RunTracker:
         self._cost_left -= self._cost.get(job.name, 0.0)
         self._cost_done += self._cost.get(job.name, 0.0)
         self._weights_done += job.n_weights
+        if self._mid_run is None and self._cost_done >= self._cost_todo / 2:
+            self._mid_run = (self.clock(), self._eta())  # checked against the end in summary()
         self._notify()
 
     def worker_lost(self, label: str) -> None:
@@ -214,6 +227,7 @@ class RunTracker:
     def close(self) -> None:
         """The quantize phase is over: stop every worker's clock."""
         now = self.clock()
+        self._closed_at = now
         for worker in self.workers.values():
             if worker.ended_at is None:
                 worker.ended_at = now
@@ -225,11 +239,7 @@ class RunTracker:
         elapsed = now - self.started
         # Rates count from the first ready worker: starting Ray is not quantizing.
         working = now - (self._first_ready if self._first_ready is not None else now)
-        eta: float | None = None
-        if self._cost_left <= 0:
-            eta = 0.0
-        elif self._cost_done > 0 and working > 0:
-            eta = self._cost_left / (self._cost_done / working)
+        eta = self._eta()
         return ProgressSnapshot(
             done=len(self.done),
             total=len(self.jobs),
@@ -254,8 +264,18 @@ class RunTracker:
 
     def summary(self, slowest: int = 10) -> dict[str, Any]:
         """Where the time went: per worker (busy, lost with a dead worker, alive, idle share)
-        and the slowest layers."""
+        and the slowest layers; and the ETA shown once half of the work was done beside the
+        time the rest really took (``eta_check``, None before that point)."""
         now = self.clock()
+        eta_check = None
+        if self._mid_run is not None:
+            at, estimate = self._mid_run
+            end = self._closed_at if self._closed_at is not None else now
+            eta_check = {
+                "at_seconds": round(at - self.started, 3),
+                "estimate_seconds": None if estimate is None else round(estimate, 3),
+                "actual_seconds": round(end - at, 3),
+            }
         busy = sum(w.busy_seconds for w in self.workers.values())
         lost = sum(w.lost_seconds for w in self.workers.values())
         alive = sum(w.alive_seconds(now) for w in self.workers.values())
@@ -270,7 +290,20 @@ class RunTracker:
                 {"name": t.name, "worker": t.worker, "seconds": round(t.seconds, 3)}
                 for t in layers[:slowest]
             ],
+            "eta_check": eta_check,
         }
+
+    def _eta(self) -> float | None:
+        """Seconds until every layer is done (:func:`remaining_seconds`); None before the
+        first layer of this call finishes: nothing measured, no honest number."""
+        if self._cost_left <= 0:
+            return 0.0
+        if not self.layers:
+            return None
+        done = [(self._cost.get(t.name, 0.0), t.seconds) for t in self.layers]
+        remaining = [cost for name, cost in self._cost.items() if name not in self.done]
+        live = sum(1 for w in self.workers.values() if not w.lost)
+        return remaining_seconds(done, remaining, workers=max(1, live), model=self.cost_model)
 
     def _notify(self) -> None:
         if self.listener is not None:

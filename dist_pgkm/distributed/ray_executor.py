@@ -35,16 +35,21 @@ import ray.exceptions
 import torch
 
 import dist_pgkm
-from dist_pgkm.checkpoint.calib import HessianFile, read_hessian
+from dist_pgkm.checkpoint.calib import HessianFile
 from dist_pgkm.config.quantize import QuantizeConfig
+from dist_pgkm.distributed.executor import OnResult
+from dist_pgkm.distributed.options import RayOptions
 from dist_pgkm.distributed.plan import LayerJob
 from dist_pgkm.distributed.progress import RunTracker
-from dist_pgkm.distributed.worker import JobResult, run_job
+from dist_pgkm.distributed.worker import JobResult, run_layer
 from dist_pgkm.errors import DistPGKMError, DistributedError
 from dist_pgkm.models.calibrate import (
     CalibrationPass,
+    CalibrationSummary,
     HessianRequest,
+    OnBlock,
     StagePartials,
+    block_result,
     merge_stages,
 )
 from dist_pgkm.models.source import ModelSource, open_source
@@ -52,11 +57,13 @@ from dist_pgkm.utils.memory import peak_rss_bytes
 from dist_pgkm.utils.optional import set_threads
 
 __all__ = [
+    "RayExecutor",
     "RayOptions",
     "RaySession",
     "WorkerInfo",
     "calibrate_on_ray",
     "connect",
+    "open_executor",
     "preflight",
     "resolve_address",
     "run_on_ray",
@@ -72,41 +79,6 @@ TEMP_PREFIX = "dpgkm-ray-"
 
 
 @dataclass(frozen=True)
-class RayOptions:
-    """Where and how wide a Ray run is.
-
-    Attributes:
-        workers: Number of actors. 0 with an ``address``: one per CPU slot of the cluster (or
-            per GPU slot with ``gpus_per_worker``); 0 without an address is the in-process
-            path, which never reaches this module.
-        address: ``HOST:PORT`` of a running cluster's head (GCS), ``"auto"`` for the one in
-            ``RAY_ADDRESS`` (set inside Ray jobs and by the launchers), or None for an embedded
-            Ray on this machine with ``workers`` CPUs.
-        gpus_per_worker: GPUs each actor reserves (0: CPU actors).
-        cpus_per_worker: CPUs each CPU actor reserves, and the threads its kernels use.
-        max_attempts: Tries per job before a job whose worker dies every time fails the run.
-        connect_timeout: Seconds to reach ``address`` before giving up; during a run on a
-            cluster, also how long the head's GCS may refuse connections before the run
-            ends with "lost the head node".
-        placement_timeout: Seconds without any live actor (none placed yet, or all lost and
-            no replacement placed) before the run fails: the cluster lacks the resources.
-        min_workers: On a cluster, wait before the run starts until it has slots for this
-            many workers (0: start with what is there).
-        min_workers_timeout: Seconds to wait for ``min_workers`` slots before failing.
-    """
-
-    workers: int = 0
-    address: str | None = None
-    gpus_per_worker: float = 0.0
-    cpus_per_worker: int = 1
-    max_attempts: int = 3
-    connect_timeout: float = 10.0
-    placement_timeout: float = 60.0
-    min_workers: int = 0
-    min_workers_timeout: float = 600.0
-
-
-@dataclass(frozen=True)
 class WorkerInfo:
     """One live actor: its slot number, process id and node address."""
 
@@ -117,10 +89,6 @@ class WorkerInfo:
     @property
     def label(self) -> str:
         return f"w{self.index}"
-
-
-OnResult = Callable[[LayerJob, JobResult], None]
-"""Called in the driver, once per job, as its result arrives (any order)."""
 
 
 def versions() -> dict[str, str]:
@@ -158,12 +126,8 @@ class _LayerWorker:
     def run(self, job: LayerJob, hessian: HessianFile | None = None) -> JobResult:
         if self._source is None:
             self._source = open_source(self._model)
-        weight = self._source.read(job.tensor)
         # The calibration's H is read by path too (--out on the shared file system).
-        h = None
-        if hessian is not None:
-            h = read_hessian(hessian.path, hessian.sha256, job.name, job.block_size)
-        return run_job(job, weight, self._config, h)
+        return run_layer(self._source, job, self._config, hessian)
 
 
 def run_on_ray(
@@ -290,6 +254,75 @@ def connect(options: RayOptions) -> Iterator[RaySession]:
     """
     with ray_session(options) as n_workers:
         yield RaySession(options, n_workers)
+
+
+@dataclass(frozen=True)
+class RayExecutor:
+    """The :class:`~dist_pgkm.distributed.executor.Executor` on a live Ray session.
+
+    Attributes:
+        session: The connection (:func:`connect`).
+        model: The model's path as every worker can read it.
+        source: The same model opened in the driver (the calibration's plan: meta only).
+        config: The run's configuration.
+    """
+
+    session: RaySession
+    model: str
+    source: ModelSource
+    config: QuantizeConfig
+
+    def run(
+        self,
+        jobs: Sequence[LayerJob],
+        on_result: OnResult,
+        tracker: RunTracker | None = None,
+        hessians: Mapping[str, HessianFile] | None = None,
+    ) -> None:
+        """Run ``jobs`` on the session's actors (see :func:`run_on_ray`)."""
+        self.session.run(jobs, self.model, self.config, on_result, tracker, hessians)
+
+    def calibrate(
+        self,
+        requests: Sequence[HessianRequest],
+        windows: torch.Tensor,
+        batch_size: int,
+        on_block: OnBlock,
+        resume: tuple[int, torch.Tensor] | None = None,
+    ) -> CalibrationSummary:
+        """:func:`~dist_pgkm.models.calibrate.collect_hessians` with the windows spread over
+        the workers (same ``H`` bytes, see :func:`calibrate_on_ray`); from block 0 always,
+        as the workers keep their hidden states (``resume`` is not used)."""
+        start = time.perf_counter()
+        summary = CalibrationPass(self.source, requests, windows, batch_size=batch_size).summary
+        if not summary.inputs_of:  # the pass above built the model on the meta device only
+            return summary
+
+        def on_stage(stage: StagePartials) -> None:
+            if 0 <= stage.block < stage.n_blocks:
+                summary.blocks_run += 1
+            on_block(block_result(stage))
+
+        rss = self.session.calibrate(self.model, requests, windows, batch_size, on_stage)
+        summary.workers = len(rss)
+        summary.worker_peak_rss_bytes = tuple(rss)
+        summary.seconds = time.perf_counter() - start
+        return summary
+
+
+@contextlib.contextmanager
+def open_executor(
+    options: RayOptions, model: Path, source: ModelSource, config: QuantizeConfig
+) -> Iterator[RayExecutor]:
+    """Connect (:func:`connect`) and yield the executor of a run on that session.
+
+    Raises:
+        DistributedError: The cluster cannot be reached or joined (see :func:`connect`).
+    """
+    # Absolute, not resolved (see open_source): workers may run in another directory.
+    path = str(model.expanduser().absolute())
+    with connect(options) as session:
+        yield RayExecutor(session, path, source, config)
 
 
 def preflight(options: RayOptions) -> None:

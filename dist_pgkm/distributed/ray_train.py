@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from dist_pgkm import errors
-from dist_pgkm.distributed.ray_executor import RayOptions, ray_session
+from dist_pgkm.distributed.options import RayOptions
+from dist_pgkm.distributed.ray_executor import ray_session
 from dist_pgkm.errors import DistPGKMError, DistributedError
 
 __all__ = ["run_on_ray_train"]

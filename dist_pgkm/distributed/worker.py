@@ -11,14 +11,16 @@ from dataclasses import dataclass
 
 import torch
 
+from dist_pgkm.checkpoint.calib import HessianFile, read_hessian
 from dist_pgkm.checkpoint.shard import encode_layer
 from dist_pgkm.config.quantize import QuantizeConfig
 from dist_pgkm.distributed.plan import LayerJob
 from dist_pgkm.errors import InvalidInputError
+from dist_pgkm.models.source import ModelSource
 from dist_pgkm.pq.quantize import quantize_weight
 from dist_pgkm.utils.memory import peak_rss_bytes
 
-__all__ = ["JobResult", "check_finite", "run_job", "weight_sha256"]
+__all__ = ["JobResult", "check_finite", "run_job", "run_layer", "weight_sha256"]
 
 
 @dataclass
@@ -103,3 +105,28 @@ def run_job(
     tensors, meta = encode_layer(job.name, q, config.centroid_dtype, kind=job.kind, k=job.k)
     seconds = time.perf_counter() - start
     return JobResult(job.name, tensors, meta, seconds, peak_rss_bytes(), q.metric, digest)
+
+
+def run_layer(
+    source: ModelSource,
+    job: LayerJob,
+    config: QuantizeConfig,
+    hessian: HessianFile | None = None,
+) -> JobResult:
+    """Read the job's weight (and its ``H`` file, by path) and run it: what every executor runs.
+
+    Args:
+        source: The model, opened by whoever runs the job (the driver, or a Ray actor).
+        job: The layer to quantize.
+        config: The run's configuration.
+        hessian: The layer's calibration file (path and sha256) for ``metric: hessian``.
+
+    Raises:
+        CheckpointError: The ``H`` file is missing, modified or unreadable.
+        InvalidInputError: The weight holds NaN or infinity.
+    """
+    weight = source.read(job.tensor)
+    h = None
+    if hessian is not None:
+        h = read_hessian(hessian.path, hessian.sha256, job.name, job.block_size)
+    return run_job(job, weight, config, h)

@@ -248,7 +248,7 @@ def _on_ray_train(
     gpus_per_rank: float,
     max_shard_bytes: int,
 ) -> FinetuneSummary:
-    from dist_pgkm.distributed.ray_executor import RayOptions
+    from dist_pgkm.distributed.options import RayOptions
     from dist_pgkm.distributed.ray_train import run_on_ray_train
 
     if resume and not (out / STATE_NAME).is_file():

@@ -602,6 +602,20 @@ def block_result(stage: StagePartials) -> BlockResult:
     )
 
 
+@dataclass
+class _BlockInputs:
+    """Block 0's inputs, captured per micro-batch, then each block's in turn.
+
+    Attributes:
+        hidden: ``(samples, seq_len, dim)`` float32 hidden states, overwritten block by block.
+        extras: Per micro-batch, the block's other arguments (masks, positions), one shared
+            copy while they are equal.
+    """
+
+    hidden: torch.Tensor
+    extras: list[tuple[tuple[Any, ...], dict[str, Any]]]
+
+
 class CalibrationPass:
     """Calibration windows through the model block by block, one stage at a time.
 
@@ -703,131 +717,48 @@ class CalibrationPass:
     def _stages(
         self, resume: tuple[int, torch.Tensor] | None
     ) -> Generator[StagePartials, None, None]:
-        """The body of :meth:`stages`; each step runs inside the caller's inference mode."""
-        targets, model, blocks = self._targets, self._model, self._blocks
-        blocks_name, n_blocks, summary = self._blocks_name, len(self._blocks), self.summary
+        """The body of :meth:`stages`; each step runs inside the caller's inference mode.
+
+        Four phases: the weights outside the blocks are loaded (:meth:`_load_outside`); the
+        windows run up to block 0, whose inputs are kept and the layers before it collected
+        (:meth:`_capture`); the blocks run one at a time from the first one needed
+        (:meth:`_start_block`, :meth:`_run_block`); the final hidden states go through the
+        layers after the blocks (:meth:`_run_tail`).
+        """
+        targets, n_blocks, summary = self._targets, len(self._blocks), self.summary
         if not targets:
             summary.seconds = time.perf_counter() - self._start_time
             return
-        windows = self._windows
-        n, seq_len = int(windows.shape[0]), int(windows.shape[1])
-        dev = self._dev
-        _check_windows(windows, model, self._config)  # before reading any weight
-        weights = _Weights(model, self._source, dev, torch.float32)
-        inside = f"{blocks_name}."
-        outside = [
-            module
-            for name, module in model.named_modules()
-            if name != blocks_name and not name.startswith(inside)
-        ]
-        weights.fill(outside)
-        for module in model.modules():  # buffers follow the parameters to the device
-            for key, buffer in module._buffers.items():
-                if buffer is not None and not buffer.is_meta and buffer.device != dev:
-                    module._buffers[key] = buffer.to(dev)
-        ids = windows.to(torch.int64)
-        size = self._batch_size
-        batches = [slice(s, min(s + size, n)) for s in range(0, n, size)]
+        n = int(self._windows.shape[0])
+        _check_windows(self._windows, self._model, self._config)  # before reading any weight
+        weights = self._load_outside()
+        ids = self._windows.to(torch.int64)
+        batches = [slice(s, min(s + self._batch_size, n)) for s in range(0, n, self._batch_size)]
         blocks_needed = [t.block for t in targets if t.block is not None]
         outer = [t for t in targets if t.block is None]
 
-        def stage(block: int, mine: Sequence[_Target], where: str, seconds: float) -> StagePartials:
-            return StagePartials(
-                block,
-                n_blocks,
-                {t.job: t.take() for t in mine},
-                {t.job: t.linear for t in mine},
-                where,
-                hidden if self._keep_hidden else None,
-                n * seq_len,
-                seconds,
-                summary.blocks_run,
-                max(last + 1 - start, 0),
-            )
-
         with torch.inference_mode():
-            # --- capture: the inputs of block 0, and the layers before the block list -------
             t0 = time.perf_counter()
-            catcher = _Catcher()
-            original = list(blocks)
-            blocks[0] = catcher
-            hidden: torch.Tensor | None = None
-            extras: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
-            with _hooked(model, outer):
-                for part in batches:
-                    catcher.args, catcher.kwargs = (), {}
-                    with contextlib.suppress(_StopForwardError):
-                        model(input_ids=ids[part].to(dev))
-                    args, kwargs = catcher.args, dict(catcher.kwargs)
-                    if args:
-                        x, rest = args[0], args[1:]
-                    elif "hidden_states" in kwargs:
-                        x, rest = kwargs.pop("hidden_states"), ()
-                    else:
-                        raise ModelSourceError(
-                            f"{type(model).__name__}'s forward pass never reached "
-                            f"{blocks_name}.0 with hidden states, so it cannot be streamed "
-                            "block by block. Quantize it with `metric: weight`."
-                        )
-                    if hidden is None:
-                        hidden = torch.empty(n, *x.shape[1:], dtype=torch.float32, device=dev)
-                    hidden[part] = x
-                    if extras and _same(extras[-1], (rest, kwargs)):
-                        extras.append(extras[-1])  # the same arguments: keep one copy
-                    else:
-                        extras.append((rest, kwargs))
-            assert hidden is not None
-            blocks[0] = original[0]
+            inputs = self._capture(ids, batches, outer)
             head = [t for t in outer if t.calls > 0]
             tail = [t for t in outer if t.calls == 0]
             first = min(blocks_needed, default=n_blocks)
             last = n_blocks - 1 if tail else max(blocks_needed, default=-1)
-            start = 0
-            if resume is not None and last >= 0:
-                # At least one block runs when the tail needs the blocks' output type.
-                at, saved = resume
-                if 0 < at <= min(first, last) and tuple(saved.shape) == tuple(hidden.shape):
-                    start = at
-                else:
-                    logger.info(
-                        "Saved hidden states (entering block %d) cannot be used: block %d must "
-                        "run again; calibration restarts at block 0",
-                        at,
-                        min(first, last),
-                    )
-            yield stage(HEAD, head, "before the blocks", time.perf_counter() - t0)
+            start = self._start_block(resume, inputs.hidden, first, last)
+            planned = max(last + 1 - start, 0)
+            seconds = time.perf_counter() - t0
+            yield self._stage(HEAD, head, "before the blocks", seconds, inputs.hidden, planned)
 
-            # --- the blocks, one at a time --------------------------------------------------
             if start > 0:
                 assert resume is not None
-                hidden.copy_(resume[1])
+                inputs.hidden.copy_(resume[1])
                 logger.info("Calibration resumes at block %d of %d", start, n_blocks)
             summary.start_block = start
             as_tuple = False
             for index in range(start, last + 1):
                 t0 = time.perf_counter()
-                block = original[index]
                 mine = [t for t in targets if t.block == index]
-                filled = weights.fill(block.modules())
-                with _hooked(model, mine):
-                    for part, (rest, kwargs) in zip(batches, extras, strict=True):
-                        out = block(hidden[part], *rest, **kwargs)
-                        as_tuple = isinstance(out, (tuple, list))
-                        y = out[0] if as_tuple else out
-                        if not isinstance(y, torch.Tensor) or y.shape != hidden[part].shape:
-                            got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y)
-                            raise ModelSourceError(
-                                f"{blocks_name}.{index} returned {got} for hidden states of "
-                                f"shape {tuple(hidden[part].shape)}; calibration needs blocks "
-                                "that map hidden states to hidden states. Quantize this model "
-                                "with `metric: weight`."
-                            )
-                        hidden[part] = y
-                weights.empty(filled)
-                where = f"in block {blocks_name}.{index}"
-                for target in mine:
-                    if target.calls == 0:
-                        raise _never_reached(target, where)
+                as_tuple = self._run_block(index, mine, weights, inputs, batches)
                 seconds = time.perf_counter() - t0
                 summary.blocks_run += 1
                 logger.info(
@@ -835,30 +766,181 @@ class CalibrationPass:
                     index + 1,
                     n_blocks,
                     seconds,
-                    n * seq_len / max(seconds, 1e-9),
+                    summary.tokens / max(seconds, 1e-9),
                 )
-                yield stage(index, mine, where, seconds)
+                where = f"in block {self._blocks_name}.{index}"
+                yield self._stage(index, mine, where, seconds, inputs.hidden, planned)
 
-            # --- the tail: the cached final hidden states through what follows the blocks ---
             if tail:
                 t0 = time.perf_counter()
-                replay = _Replay(as_tuple)
-                for index in range(n_blocks):
-                    blocks[index] = replay
-                with _hooked(model, tail, stop_when_all_seen=True) as seen:
-                    for part in batches:
-                        seen.clear()
-                        replay.hidden = hidden[part]
-                        with contextlib.suppress(_StopForwardError):
-                            model(input_ids=ids[part].to(dev))
-                for index in range(n_blocks):
-                    blocks[index] = original[index]
-                for target in tail:
-                    if target.calls == 0:
-                        raise _never_reached(target, "before, in or after the block list")
-                hidden = None
-                yield stage(n_blocks, tail, "after the blocks", time.perf_counter() - t0)
+                self._run_tail(ids, batches, tail, inputs.hidden, as_tuple)
+                seconds = time.perf_counter() - t0
+                yield self._stage(n_blocks, tail, "after the blocks", seconds, None, planned)
         summary.seconds = time.perf_counter() - self._start_time
+
+    def _stage(
+        self,
+        block: int,
+        mine: Sequence[_Target],
+        where: str,
+        seconds: float,
+        hidden: torch.Tensor | None,
+        planned: int,
+    ) -> StagePartials:
+        """A finished stage: the products its targets collected, handed over."""
+        return StagePartials(
+            block,
+            len(self._blocks),
+            {t.job: t.take() for t in mine},
+            {t.job: t.linear for t in mine},
+            where,
+            hidden if self._keep_hidden else None,
+            self.summary.tokens,
+            seconds,
+            self.summary.blocks_run,
+            planned,
+        )
+
+    def _load_outside(self) -> _Weights:
+        """Load the weights outside the block list (embeddings, final norm, head) and move
+        the buffers to the device; return the loader, which fills each block in turn."""
+        model, dev, inside = self._model, self._dev, f"{self._blocks_name}."
+        weights = _Weights(model, self._source, dev, torch.float32)
+        outside = [
+            module
+            for name, module in model.named_modules()
+            if name != self._blocks_name and not name.startswith(inside)
+        ]
+        weights.fill(outside)
+        for module in model.modules():  # buffers follow the parameters to the device
+            for key, buffer in module._buffers.items():
+                if buffer is not None and not buffer.is_meta and buffer.device != dev:
+                    module._buffers[key] = buffer.to(dev)
+        return weights
+
+    def _capture(
+        self, ids: torch.Tensor, batches: Sequence[slice], outer: Sequence[_Target]
+    ) -> _BlockInputs:
+        """Run every micro-batch up to block 0, collecting the layers before it (``outer``
+        targets reached there) and keeping block 0's inputs."""
+        model, blocks, dev = self._model, self._blocks, self._dev
+        n = int(ids.shape[0])
+        catcher = _Catcher()
+        block0 = blocks[0]
+        blocks[0] = catcher
+        hidden: torch.Tensor | None = None
+        extras: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+        with _hooked(model, outer):
+            for part in batches:
+                catcher.args, catcher.kwargs = (), {}
+                with contextlib.suppress(_StopForwardError):
+                    model(input_ids=ids[part].to(dev))
+                args, kwargs = catcher.args, dict(catcher.kwargs)
+                if args:
+                    x, rest = args[0], args[1:]
+                elif "hidden_states" in kwargs:
+                    x, rest = kwargs.pop("hidden_states"), ()
+                else:
+                    raise ModelSourceError(
+                        f"{type(model).__name__}'s forward pass never reached "
+                        f"{self._blocks_name}.0 with hidden states, so it cannot be streamed "
+                        "block by block. Quantize it with `metric: weight`."
+                    )
+                if hidden is None:
+                    hidden = torch.empty(n, *x.shape[1:], dtype=torch.float32, device=dev)
+                hidden[part] = x
+                if extras and _same(extras[-1], (rest, kwargs)):
+                    extras.append(extras[-1])  # the same arguments: keep one copy
+                else:
+                    extras.append((rest, kwargs))
+        assert hidden is not None
+        blocks[0] = block0
+        return _BlockInputs(hidden, extras)
+
+    @staticmethod
+    def _start_block(
+        resume: tuple[int, torch.Tensor] | None, hidden: torch.Tensor, first: int, last: int
+    ) -> int:
+        """The first block to run: 0, or the block saved hidden states enter when no block
+        before it is needed (``first``: the first block with a target; ``last``: the last
+        block to run)."""
+        if resume is None or last < 0:
+            return 0
+        # At least one block runs when the tail needs the blocks' output type.
+        at, saved = resume
+        if 0 < at <= min(first, last) and tuple(saved.shape) == tuple(hidden.shape):
+            return at
+        logger.info(
+            "Saved hidden states (entering block %d) cannot be used: block %d must "
+            "run again; calibration restarts at block 0",
+            at,
+            min(first, last),
+        )
+        return 0
+
+    def _run_block(
+        self,
+        index: int,
+        mine: Sequence[_Target],
+        weights: _Weights,
+        inputs: _BlockInputs,
+        batches: Sequence[slice],
+    ) -> bool:
+        """Run block ``index`` over every micro-batch in place of its inputs, collecting its
+        targets (``mine``); its weights are in memory meanwhile only.
+
+        Returns:
+            Whether the block returns a tuple (the tail's stand-in must do the same).
+        """
+        block, hidden, name = self._blocks[index], inputs.hidden, self._blocks_name
+        filled = weights.fill(block.modules())
+        as_tuple = False
+        with _hooked(self._model, mine):
+            for part, (rest, kwargs) in zip(batches, inputs.extras, strict=True):
+                out = block(hidden[part], *rest, **kwargs)
+                as_tuple = isinstance(out, (tuple, list))
+                y = out[0] if as_tuple else out
+                if not isinstance(y, torch.Tensor) or y.shape != hidden[part].shape:
+                    got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y)
+                    raise ModelSourceError(
+                        f"{name}.{index} returned {got} for hidden states of shape "
+                        f"{tuple(hidden[part].shape)}; calibration needs blocks that map "
+                        "hidden states to hidden states. Quantize this model with "
+                        "`metric: weight`."
+                    )
+                hidden[part] = y
+        weights.empty(filled)
+        for target in mine:
+            if target.calls == 0:
+                raise _never_reached(target, f"in block {name}.{index}")
+        return as_tuple
+
+    def _run_tail(
+        self,
+        ids: torch.Tensor,
+        batches: Sequence[slice],
+        tail: Sequence[_Target],
+        hidden: torch.Tensor,
+        as_tuple: bool,
+    ) -> None:
+        """Run the final hidden states through what follows the blocks (every block replaced
+        by a stand-in returning them), collecting the ``tail`` targets."""
+        blocks, model = self._blocks, self._model
+        original = list(blocks)
+        replay = _Replay(as_tuple)
+        for index in range(len(blocks)):
+            blocks[index] = replay
+        with _hooked(model, tail, stop_when_all_seen=True) as seen:
+            for part in batches:
+                seen.clear()
+                replay.hidden = hidden[part]
+                with contextlib.suppress(_StopForwardError):
+                    model(input_ids=ids[part].to(self._dev))
+        for index in range(len(blocks)):
+            blocks[index] = original[index]
+        for target in tail:
+            if target.calls == 0:
+                raise _never_reached(target, "before, in or after the block list")
 
 
 def collect_hessians(

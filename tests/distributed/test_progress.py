@@ -7,6 +7,7 @@ import io
 import pytest
 
 from dist_pgkm.console import format_duration, quantize_progress, worker_summary_lines
+from dist_pgkm.distributed.eta import PLAIN_FIT
 from dist_pgkm.distributed.plan import LayerJob
 from dist_pgkm.distributed.progress import CalibrationStatus, ProgressSnapshot, RunTracker
 
@@ -44,8 +45,9 @@ def test_eta_weighs_layers_by_cost_and_ignores_startup(clock: _Clock) -> None:
     t.finished(JOBS[1], "w1", seconds=3.0)
     snap = snaps[-1]
     assert (snap.done, snap.total) == (2, 4)
-    # 3 cost units in 3 s of work; 7 left -> 7 s. 300 weights in 3 s.
-    assert snap.eta_seconds == pytest.approx(7.0)
+    # 1 s per cost unit measured; 7 units left over 2 workers -> 3.5 s (w0 has 3 s of "big"
+    # left, w1 then runs "small" in 1 s). 300 weights in 3 s.
+    assert snap.eta_seconds == pytest.approx(3.5)
     assert snap.weights_per_second == pytest.approx(100.0)
     assert snap.elapsed == pytest.approx(13.0)
     assert [(w.label, w.job) for w in snap.workers] == [("w0", "big"), ("w1", None)]
@@ -162,3 +164,61 @@ def test_calibration_blocks_then_layers_in_the_log(clock: _Clock) -> None:
     ]
     assert lines[2].startswith("[1/1] big 2.0 s on local")
     assert len(lines) == 3
+
+
+def _smollm2_like_jobs() -> list[LayerJob]:
+    """30 blocks of SmolLM2-135M's 7 Linear layers at bs 8, K 256, 15 iterations, longest
+    first: est_cost = rows x cols / 8 blocks x 256 x 8 x 15 multiply-adds."""
+    shapes = {"gate": (1536, 576), "up": (1536, 576), "down": (576, 1536)}
+    shapes |= {"q": (576, 576), "o": (576, 576), "k": (192, 576), "v": (192, 576)}
+    jobs = [
+        _job(f"layers.{i}.{name}", rows * cols / 8 * 256 * 8 * 15, rows * cols)
+        for i in range(30)
+        for name, (rows, cols) in shapes.items()
+    ]
+    return sorted(jobs, key=lambda job: (-job.est_cost, job.name))
+
+
+def test_eta_at_mid_run_is_within_25_percent_of_the_rest(clock: _Clock) -> None:
+    """Issue 17 item 4: the ETA comes from the remaining work, not from the first layer.
+
+    A simulated one-worker run whose layer times follow a machine 2.5x slower than the fit,
+    with a deterministic +-20% spread per layer and a first layer 6x slower (warm-up).
+    """
+    jobs = _smollm2_like_jobs()
+    spread = (0.85, 1.1, 0.95, 1.2, 0.9, 1.05, 0.8)
+    seconds = [
+        2.5 * PLAIN_FIT.predict(job.est_cost) * spread[i % len(spread)] * (6.0 if i == 0 else 1)
+        for i, job in enumerate(jobs)
+    ]
+    snaps: list[ProgressSnapshot] = []
+    t = RunTracker(jobs, listener=snaps.append, clock=clock, cost_model=PLAIN_FIT)
+    t.worker_ready("local", "this process")
+    half, mid = sum(job.est_cost for job in jobs) / 2, None
+    done_cost = 0.0
+    for i, (job, took) in enumerate(zip(jobs, seconds, strict=True)):
+        t.dispatched(job, "local")
+        clock.now += took
+        t.finished(job, "local", seconds=took)
+        done_cost += job.est_cost
+        if mid is None and done_cost >= half:
+            mid = i
+    t.close()
+    assert mid is not None
+    assert 0 < mid < len(jobs) - 1
+    rest = sum(seconds[mid + 1 :])
+    # One snapshot per event: the worker's, then two per layer (dispatched, finished).
+    eta = snaps[2 + 2 * mid].eta_seconds
+    assert eta is not None
+    assert abs(eta - rest) <= 0.25 * rest
+    # What extrapolating the first layer would have said at the same point: far off.
+    cost_left = sum(job.est_cost for job in jobs[mid + 1 :])
+    first_layer = cost_left * seconds[0] / jobs[0].est_cost
+    assert first_layer > 3 * rest
+    check = t.summary()["eta_check"]
+    assert check["estimate_seconds"] == pytest.approx(eta, abs=1e-3)
+    assert check["actual_seconds"] == pytest.approx(rest, abs=1e-3)
+    assert check["at_seconds"] == pytest.approx(sum(seconds[: mid + 1]), abs=1e-3)
+    assert worker_summary_lines(t.summary())[-1] == (
+        f"  eta at mid-run: {format_duration(eta)}, the rest took {format_duration(rest)}"
+    )
