@@ -42,6 +42,14 @@ def _n_shards(out: Path) -> int:
     return len(list((out / "shards").glob("*.safetensors"))) if (out / "shards").is_dir() else 0
 
 
+def _n_recorded(out: Path) -> int:
+    """Layers the run's manifest records as done (a shard lands just before its record)."""
+    try:
+        return len(json.loads((out / "manifest.json").read_text())["layers"])
+    except (OSError, ValueError, KeyError):  # not written yet
+        return 0
+
+
 def _running_workers(root: int) -> list[psutil.Process]:
     """Actor processes under ``root`` that are running a job (Ray titles them by method)."""
     found = []
@@ -244,7 +252,9 @@ def test_killed_driver_resumes_to_the_same_bytes(tmp_path: Path, reference: Path
     env = {**os.environ, **RAY_ENV}
     driver = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_for(lambda: _n_shards(out) >= 3 or driver.poll() is not None, 240, "3 shards")
+        # Wait for 3 recorded layers, not 3 shard files: a kill between a shard's write and its
+        # record leaves that shard unrecorded, and the resume does that layer again.
+        wait_for(lambda: _n_recorded(out) >= 3 or driver.poll() is not None, 240, "3 layers")
         assert driver.poll() is None, "the run ended before the driver could be killed"
         tree = psutil.Process(driver.pid).children(recursive=True)
         os.kill(driver.pid, signal.SIGKILL)
