@@ -281,7 +281,6 @@ def _sums_numba(module: PQModule, table: torch.Tensor) -> torch.Tensor:
         scale_arr = scales.detach().to(torch.float32).contiguous()
         per_group = groups // int(scale_arr.shape[1])
     result = torch.empty(out, n)
-    scratch = torch.empty(out, n)
     kernel(
         table.numpy(),
         module.codes.contiguous().numpy(),
@@ -290,7 +289,6 @@ def _sums_numba(module: PQModule, table: torch.Tensor) -> torch.Tensor:
         scale_arr.numpy(),
         scales is not None,
         per_group,
-        scratch.numpy(),
         result.numpy(),
     )
     return result.t()  # (N, out)
