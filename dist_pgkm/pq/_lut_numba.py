@@ -1,12 +1,12 @@
-"""The table-sum kernel of the code forward, compiled by numba (an optional extra).
+"""The kernels of the code forward, compiled by numba (an optional extra): table sums, tiles.
 
 Imported only by :mod:`dist_pgkm.pq.infer`, lazily; without numba the same sums run in torch.
 It reads the codes from the packed stream (docs/format.md: code ``i`` at bits
 ``[i * b, (i + 1) * b)``, little-endian), so no unpacked copy of them exists beyond one row.
 
-The kernel calls no helper that takes an array: numba counts references to an array passed to a
+No helper taking an array is called per code: numba counts references to an array passed to a
 function with atomic increments and decrements, and one such call per table lookup (reading a
-code) cost ~25 ns, twenty times the lookup itself.
+code) cost ~25 ns, twenty times the lookup itself. :func:`_row_codes` is called once per row.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-__all__ = ["ROWS_PER_TASK", "lut_sums", "lut_sums_parallel", "set_threads"]
+__all__ = ["ROWS_PER_TASK", "decode_rows", "lut_sums", "lut_sums_parallel", "set_threads"]
 
 ROWS_PER_TASK = 64
 """Output rows per task of the parallel kernel (each task unpacks one row at a time)."""
@@ -25,6 +25,28 @@ def set_threads(n: int) -> int:
     n = max(1, min(n, numba.config.NUMBA_NUM_THREADS))  # type: ignore[attr-defined]
     numba.set_num_threads(n)
     return n
+
+
+@numba.njit(cache=True, nogil=True)
+def _row_codes(packed: np.ndarray, row: int, bits: int, codes: np.ndarray) -> None:
+    """``codes[g]`` = code of block ``g`` of row ``row`` (``codes.size`` blocks per row)."""
+    groups = codes.shape[0]
+    if bits == 8:
+        for g in range(groups):
+            codes[g] = packed[row * groups + g]
+        return
+    mask = (1 << bits) - 1
+    last = packed.shape[0] - 1
+    first = row * groups * bits  # the row's first bit
+    for g in range(groups):
+        byte = first >> 3
+        word = np.int64(packed[byte])
+        if byte + 1 <= last:  # past the end: the zero padding of the stream
+            word |= np.int64(packed[byte + 1]) << 8
+        if byte + 2 <= last:
+            word |= np.int64(packed[byte + 2]) << 16
+        codes[g] = (word >> (first & 7)) & mask
+        first += bits
 
 
 def _lut_sums(
@@ -53,8 +75,6 @@ def _lut_sums(
     groups, k, n = table.shape[1], table.shape[2], table.shape[3]
     flat = table.reshape(table.size)
     n_out = out.shape[0]
-    mask = (1 << bits) - 1
-    last = packed.shape[0] - 1
     n_groups = groups // per_group
     for task in numba.prange((n_out + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
         offsets = np.empty(groups, np.int64)  # this row's entries: offsets into `flat`
@@ -82,17 +102,9 @@ def _lut_sums(
                     total += part * scales[o, s] if has_scales else part
                 out[o, 0] = total
                 continue
-            first = o * groups * bits  # the row's first bit
+            _row_codes(packed, o, bits, offsets)
             for g in range(groups):
-                byte = first >> 3
-                word = np.int64(packed[byte])
-                if byte + 1 <= last:
-                    word |= np.int64(packed[byte + 1]) << 8
-                if byte + 2 <= last:
-                    word |= np.int64(packed[byte + 2]) << 16
-                code = (word >> (first & 7)) & mask
-                offsets[g] = start + (g * k + code) * n
-                first += bits
+                offsets[g] = start + (g * k + offsets[g]) * n
             for j in range(n):
                 out[o, j] = 0.0
             for s in range(n_groups):
@@ -104,6 +116,38 @@ def _lut_sums(
                 scale = scales[o, s] if has_scales else np.float32(1.0)
                 for j in range(n):
                     out[o, j] += acc[j] * scale
+
+
+@numba.njit(cache=True, nogil=True)
+def decode_rows(
+    codebook: np.ndarray, packed: np.ndarray, bits: int, rows: np.ndarray, rows_per_book: int,
+    out: np.ndarray,
+) -> None:  # fmt: skip
+    """``out[i]`` = row ``rows[i]`` of the weight as codewords (before scales and outliers).
+
+    Args:
+        codebook: ``(n_books, K, bs)`` float32 codebooks, C-contiguous.
+        packed: ``uint8`` packed codes of the ``(out, G)`` blocks, row-major.
+        bits: Bits per code.
+        rows: ``(R,)`` int64 output rows.
+        rows_per_book: Output rows per codebook.
+        out: ``(R, G * bs)`` float32 result, C-contiguous.
+    """
+    k, bs = codebook.shape[1], codebook.shape[2]
+    books = codebook.reshape(codebook.size)
+    groups = out.shape[1] // bs
+    flat = out.reshape(out.size)
+    codes = np.empty(groups, np.int64)
+    for i in range(rows.shape[0]):
+        row = rows[i]
+        _row_codes(packed, row, bits, codes)
+        start = (row // rows_per_book) * k
+        at = i * groups * bs
+        for g in range(groups):
+            src = (start + codes[g]) * bs
+            for s in range(bs):
+                flat[at + s] = books[src + s]
+            at += bs
 
 
 # One body, two compilations: threads help on an idle machine, and cost far more than they give
