@@ -128,16 +128,14 @@ def _prompts(tokenizer: Any, n: int, length: int) -> torch.Tensor:
 
 
 def _warm_kernel() -> str:
-    """Import and compile the table-sum kernel before the memory baseline."""
-    from torch import nn
-
+    """Import and compile the kernels (table sums, decoded tiles) before the memory baseline."""
     from dist_pgkm.pq import PQLinear, infer
 
     layer = PQLinear(torch.randn(4, 2), torch.arange(8) % 4, (4, 4))
     layer.set_forward("codes")
     with torch.inference_mode():
-        layer(torch.randn(1, 4))
-    del nn
+        layer(torch.randn(1, 4))  # table sums
+        layer(torch.randn(infer.LUT_MAX_TOKENS + 1, 4))  # a decoded tile
     return infer.lut_backend("cpu")
 
 
