@@ -27,15 +27,12 @@ for its float module holding the decoded weight, giving a plain transformers mod
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import json
 import logging
 import os
 import re
 import secrets
 import shutil
-import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,6 +62,7 @@ from dist_pgkm.errors import CheckpointError, InvalidInputError
 from dist_pgkm.models.hf_keys import key_renamer
 from dist_pgkm.pq.infer import Forward, forward_default
 from dist_pgkm.pq.modules import PQConv2d, PQEmbedding, PQLinear, PQModule, pq_module_for
+from dist_pgkm.utils.memory import release_freed_heap
 from dist_pgkm.utils.safetensors_io import UnreadableFile, read_header
 
 if TYPE_CHECKING:
@@ -854,24 +852,10 @@ def load(
         model = cls.from_pretrained(path, **kwargs)
     if dense:
         model = model.dequantize()
-    _release_freed_heap()
+    # Loading frees ~20 MB of temporaries (transformers' loading state, codebook casts, code
+    # checks) that glibc would keep resident: a third of a model loaded from its codes.
+    release_freed_heap()
     return model  # type: ignore[no-any-return]
-
-
-def _release_freed_heap() -> None:
-    """Return the heap pages freed while loading to the OS (glibc only; elsewhere a no-op).
-
-    Loading frees ~20 MB of temporaries (transformers' loading state, codebooks cast, code
-    checks) that glibc keeps mapped for reuse: for a model loaded from its codes that is a
-    third of the model's own size, resident until the process ends (docs/inference.md).
-    """
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
-        return
-    trim(0)
 
 
 def export_dense(path: str | os.PathLike[str], out: str | os.PathLike[str]) -> Path:
