@@ -164,6 +164,25 @@ def _outliers_of(
     return pos[hit] * width + flat[hit] % width, val[hit]  # still sorted
 
 
+def _codewords(module: PQModule, rows: torch.Tensor) -> torch.Tensor:
+    """The codewords of ``rows`` (before scales and outliers): ``(R, width)``."""
+    codebook = module.centroids.detach()
+    width = module.n_blocks * module.block_size // module.weight_shape[0]
+    if codebook.dtype == torch.float32 and lut_backend(codebook.device) == "numba":
+        w = torch.empty(rows.numel(), width)
+        _numba_module().decode_rows(
+            codebook.reshape(module.n_books, module.k, module.block_size).contiguous().numpy(),
+            module.codes.contiguous().numpy(),
+            bits_for(module.k),
+            rows.to(torch.int64).contiguous().numpy(),
+            module.weight_shape[0] // module.n_books,
+            w.numpy(),
+        )
+        return w
+    index = _row_blocks(module, rows)  # (R, G)
+    return F.embedding(index, codebook.reshape(-1, module.block_size)).reshape(-1, width)
+
+
 def decode_rows(
     module: PQModule, rows: torch.Tensor, *, outliers: bool = True, contiguous: bool = False
 ) -> torch.Tensor:
@@ -181,9 +200,7 @@ def decode_rows(
     Returns:
         ``(R, width)`` weights in the codebook's dtype.
     """
-    index = _row_blocks(module, rows)  # (R, G)
-    codebook = module.centroids.detach().reshape(-1, module.block_size)
-    w = F.embedding(index, codebook).reshape(rows.numel(), -1)  # (R, width)
+    w = _codewords(module, rows)  # (R, width)
     scales = module.scales
     w = apply_scales(w, None if scales is None else scales.detach()[rows])
     found = _outliers_of(module, rows, contiguous) if outliers else None
@@ -281,7 +298,6 @@ def _sums_numba(module: PQModule, table: torch.Tensor) -> torch.Tensor:
         scale_arr = scales.detach().to(torch.float32).contiguous()
         per_group = groups // int(scale_arr.shape[1])
     result = torch.empty(out, n)
-    scratch = torch.empty(out, n)
     kernel(
         table.numpy(),
         module.codes.contiguous().numpy(),
@@ -290,7 +306,6 @@ def _sums_numba(module: PQModule, table: torch.Tensor) -> torch.Tensor:
         scale_arr.numpy(),
         scales is not None,
         per_group,
-        scratch.numpy(),
         result.numpy(),
     )
     return result.t()  # (N, out)

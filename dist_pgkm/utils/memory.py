@@ -1,11 +1,14 @@
-"""Peak memory of this process, measured the same way everywhere."""
+"""Memory of this process: peak measured the same way everywhere, freed heap given back."""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import resource
+import sys
 from pathlib import Path
 
-__all__ = ["format_bytes", "peak_rss_bytes"]
+__all__ = ["format_bytes", "peak_rss_bytes", "release_freed_heap"]
 
 
 def format_bytes(n: float | None, digits: int = 2) -> str:
@@ -33,3 +36,23 @@ def peak_rss_bytes() -> int:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux-style KiB
+
+
+def release_freed_heap() -> bool:
+    """Return the heap pages freed so far to the OS (glibc ``malloc_trim``).
+
+    glibc keeps freed memory mapped for reuse, so a process's RSS also counts what it no
+    longer holds: after loading a model from its codes, ~20 MB of loading temporaries
+    (docs/inference.md). Elsewhere than Linux with glibc, nothing is done.
+
+    Returns:
+        Whether the heap was trimmed (False: not glibc).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
+        return False
+    trim(0)
+    return True

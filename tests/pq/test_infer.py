@@ -172,6 +172,26 @@ def test_use_forward_switches_every_pq_module() -> None:
     assert PQLinear.from_quantized(nn.Linear(576, 96), q).forward_mode == "decode"
 
 
+@pytest.mark.parametrize("k", [200, 300])
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_parallel_table_sums_equal_the_serial_ones(
+    k: int, tokens: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Threads split the rows in tasks (two here: 96 rows, 64 per task); each row's sum is
+    the same arithmetic, so the outputs are bit for bit the serial ones."""
+    kernels = infer._numba_module()
+    if kernels is None:
+        pytest.skip("numba is not installed (pip install 'dist-pgkm[infer]')")
+    module = PQLinear.from_quantized(nn.Linear(576, 96), _quantized("all", k=k))
+    module.set_forward("codes")
+    x = torch.randn(tokens, 576, generator=torch.Generator().manual_seed(k + tokens))
+    with torch.no_grad():
+        serial = module(x)
+        monkeypatch.setattr(infer, "_numba_kernel", lambda: kernels.lut_sums_parallel)
+        parallel = module(x)
+    assert torch.equal(parallel, serial)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none here)")
 @pytest.mark.gpu
 def test_code_forward_on_cuda_equals_the_decoding_forward() -> None:
