@@ -56,6 +56,21 @@ def _run_rows_benchmark(
     return report
 
 
+def _run_report(module: Any, options: Any, args: argparse.Namespace) -> Any:
+    """Run a benchmark module whose report is written once, at the end: live progress, the
+    report printed, then ``--json`` and ``--md`` written. Returns the report."""
+    from dist_pgkm.bench.common import write_json  # type: ignore[import-not-found, unused-ignore]
+
+    with progress_bar() as update:
+        report = module.run_benchmark(options, progress=update)
+    module.render_report(stdout_console(), report)
+    if args.json is not None:
+        write_json(args.json, report.as_dict())
+    if args.md is not None:
+        module.write_markdown(args.md, report)
+    return report
+
+
 def _resumed_run(path: Path | None, benchmark: str) -> dict[str, Any]:
     """The report an interrupted run saved in ``path`` (``--resume``), checked to be of this
     benchmark and of the current commit (rows of other code would be mixed in otherwise)."""
@@ -113,13 +128,7 @@ def _run_kmeans(args: argparse.Namespace) -> int:
         datasets=args.datasets,
         command=shlex.join(["dist-pgkm", *args.argv]),
     )
-    with progress_bar() as update:
-        report = kmeans.run_benchmark(options, progress=update)
-    kmeans.render_report(stdout_console(), report)
-    if args.json is not None:
-        write_json(args.json, report.as_dict())
-    if args.md is not None:
-        kmeans.write_markdown(args.md, report)
+    _run_report(kmeans, options, args)
     return 0
 
 
@@ -469,7 +478,6 @@ def _register_dkm(subparsers: Subparsers, parents: list[argparse.ArgumentParser]
 
 def _run_fuzz(args: argparse.Namespace) -> int:
     from dist_pgkm.bench import fuzz  # type: ignore[import-not-found, unused-ignore]
-    from dist_pgkm.bench.common import write_json  # type: ignore[import-not-found, unused-ignore]
 
     options = fuzz.FuzzOptions(
         count=args.count,
@@ -478,13 +486,7 @@ def _run_fuzz(args: argparse.Namespace) -> int:
         work_dir=args.work_dir,
         command=shlex.join(["dist-pgkm", *args.argv]),
     )
-    with progress_bar() as update:
-        report = fuzz.run_benchmark(options, progress=update)
-    fuzz.render_report(stdout_console(), report)
-    if args.json is not None:
-        write_json(args.json, report.as_dict())
-    if args.md is not None:
-        fuzz.write_markdown(args.md, report)
+    _run_report(fuzz, options, args)
     return 0
 
 
@@ -517,7 +519,6 @@ def _register_fuzz(subparsers: Subparsers, parents: list[argparse.ArgumentParser
 
 def _run_kill(args: argparse.Namespace) -> int:
     from dist_pgkm.bench import killpoints  # type: ignore[import-not-found, unused-ignore]
-    from dist_pgkm.bench.common import write_json  # type: ignore[import-not-found, unused-ignore]
 
     options = killpoints.KillOptions(
         points=args.points,
@@ -526,13 +527,7 @@ def _run_kill(args: argparse.Namespace) -> int:
         work_dir=args.work_dir,
         command=shlex.join(["dist-pgkm", *args.argv]),
     )
-    with progress_bar() as update:
-        report = killpoints.run_benchmark(options, progress=update)
-    killpoints.render_report(stdout_console(), report)
-    if args.json is not None:
-        write_json(args.json, report.as_dict())
-    if args.md is not None:
-        killpoints.write_markdown(args.md, report)
+    _run_report(killpoints, options, args)
     return 0
 
 
